@@ -1,0 +1,218 @@
+"""The ``ntk-tutorial`` command.
+
+``ntk-tutorial reproduce [--fast] [NOTEBOOK ...]`` executes the numbered notebooks headless, in
+order, writes the figures they save and prints a summary table; a failing notebook is reported
+with its failing cell and the run goes on with the next one.  ``ntk-tutorial list`` shows the
+notebooks, ``ntk-tutorial info`` the versions and JAX devices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import FAST_ENV
+from .plotting import FIGURES_ENV
+
+NOTEBOOK_RE = re.compile(r"^(\d\d)_[A-Za-z0-9_]+\.ipynb$")
+
+
+def find_notebooks_dir(explicit: str | None = None) -> Path:
+    """``--notebooks`` if given, else ``./notebooks`` or the one beside this package's checkout."""
+    candidates = [Path(explicit)] if explicit else [
+        Path.cwd() / "notebooks",
+        Path(__file__).resolve().parents[1] / "notebooks",
+    ]
+    for c in candidates:
+        if c.is_dir() and any(NOTEBOOK_RE.match(p.name) for p in c.iterdir()):
+            return c.resolve()
+    raise SystemExit(
+        "no notebooks found (looked in: " + ", ".join(str(c) for c in candidates) + "). Run "
+        "ntk-tutorial from the repository checkout, or pass --notebooks DIR."
+    )
+
+
+def list_notebooks(nb_dir: Path) -> list[Path]:
+    """The numbered notebooks ``NN_name.ipynb`` of a folder, in order."""
+    return sorted(p for p in nb_dir.iterdir() if NOTEBOOK_RE.match(p.name))
+
+
+def select(notebooks: list[Path], wanted: list[str]) -> list[Path]:
+    """Notebooks matching each ``wanted`` item by number (``02``, ``2``) or name fragment."""
+    if not wanted:
+        return notebooks
+    chosen = []
+    for w in wanted:
+        hits = [
+            p for p in notebooks
+            if (w.isdigit() and int(p.name[:2]) == int(w)) or (not w.isdigit() and w in p.stem)
+        ]
+        if not hits:
+            names = ", ".join(p.stem for p in notebooks)
+            raise SystemExit(f"no notebook matches {w!r}; available: {names}")
+        chosen.extend(h for h in hits if h not in chosen)
+    return sorted(chosen)
+
+
+@dataclass
+class Outcome:
+    name: str
+    ok: bool
+    seconds: float
+    error: str = ""
+
+
+def _failing_cell(nb) -> str:
+    for i, cell in enumerate(nb.cells):
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "error":
+                first = cell.source.strip().splitlines()
+                head = first[0] if first else ""
+                return f"cell {i} ({head[:60]!r}): {out.get('ename')}: {out.get('evalue')}"
+    return ""
+
+
+KERNEL_NAME = "ntk-tutorial-current-python"
+
+
+def use_current_python_kernel() -> str:
+    """Register a kernelspec that runs *this* interpreter and return its name.
+
+    A machine can carry a system-wide "python3" kernelspec that points to another Python
+    (without ntk_tutorial); the notebooks must run in the environment the command runs in.
+    """
+    import json
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="ntk-tutorial-kernels-"))
+    spec = root / "kernels" / KERNEL_NAME
+    spec.mkdir(parents=True)
+    (spec / "kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": f"Python ({sys.executable})",
+        "language": "python",
+    }))
+    os.environ["JUPYTER_PATH"] = os.pathsep.join(
+        [str(root)] + [p for p in os.environ.get("JUPYTER_PATH", "").split(os.pathsep) if p]
+    )
+    return KERNEL_NAME
+
+
+def execute_notebook(path: Path, *, timeout: int, executed_dir: Path | None,
+                     kernel_name: str = "python3") -> Outcome:
+    """Run one notebook with nbclient in its own folder; never raises for notebook errors."""
+    import nbformat
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
+
+    nb = nbformat.read(path, as_version=4)
+    client = NotebookClient(
+        nb, timeout=timeout, kernel_name=kernel_name,
+        resources={"metadata": {"path": str(path.parent)}},
+    )
+    start = time.perf_counter()
+    error = ""
+    try:
+        client.execute()
+    except CellExecutionError as err:
+        error = _failing_cell(nb) or str(err).strip().splitlines()[-1]
+    except (CellTimeoutError, DeadKernelError, TimeoutError) as err:
+        error = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+    seconds = time.perf_counter() - start
+    if executed_dir is not None:
+        executed_dir.mkdir(parents=True, exist_ok=True)
+        nbformat.write(nb, executed_dir / path.name)
+    return Outcome(path.stem, not error, seconds, error)
+
+
+def format_table(outcomes: list[Outcome]) -> str:
+    """A plain-text summary table: notebook, status, seconds."""
+    width = max([len(o.name) for o in outcomes] + [8])
+    lines = [f"{'notebook':<{width}}  status  seconds", f"{'-' * width}  ------  -------"]
+    for o in outcomes:
+        lines.append(f"{o.name:<{width}}  {'ok' if o.ok else 'FAILED':<6}  {o.seconds:7.1f}")
+    failed = [o for o in outcomes if not o.ok]
+    lines.append(f"{len(outcomes) - len(failed)} passed, {len(failed)} failed")
+    for o in failed:
+        lines.append(f"  {o.name}: {o.error}")
+    return "\n".join(lines)
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    nb_dir = find_notebooks_dir(args.notebooks)
+    chosen = select(list_notebooks(nb_dir), args.names)
+    os.environ[FAST_ENV] = "1" if args.fast else "0"
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    if args.figures:
+        os.environ[FIGURES_ENV] = str(Path(args.figures).resolve())
+    repo = nb_dir.parent
+    executed = Path(args.executed).resolve() if args.executed else repo / "build" / "executed"
+    mode = "fast" if args.fast else "full"
+    print(f"ntk-tutorial reproduce: {len(chosen)} notebook(s) from {nb_dir}, {mode} mode")
+    kernel = use_current_python_kernel()
+    outcomes = []
+    bar = tqdm(chosen, desc="notebooks", unit="nb", file=sys.stdout)
+    for path in bar:
+        bar.set_postfix_str(path.stem)
+        outcome = execute_notebook(path, timeout=args.timeout, executed_dir=executed,
+                                   kernel_name=kernel)
+        outcomes.append(outcome)
+        if not outcome.ok:
+            tqdm.write(f"FAILED {outcome.name}: {outcome.error}", file=sys.stdout)
+    bar.close()
+    print(format_table(outcomes))
+    where = os.environ.get(FIGURES_ENV) or str(repo / "figures" / ("fast" if args.fast else ""))
+    print(f"figures: {where.rstrip('/')}   executed notebooks: {executed}")
+    return 0 if all(o.ok for o in outcomes) else 1
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    for p in list_notebooks(find_notebooks_dir(args.notebooks)):
+        print(p.stem)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import jax
+
+    from .plotting import versions
+
+    for name, v in versions().items():
+        print(f"{name:>12}: {v}")
+    print(f"{'devices':>12}: {jax.devices()}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ntk-tutorial", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    rep = sub.add_parser("reproduce", help="execute the notebooks and write their figures")
+    rep.add_argument("names", nargs="*", help="notebook numbers or name fragments (default: all)")
+    rep.add_argument("--fast", action="store_true", help="small sizes (NTK_TUTORIAL_FAST=1)")
+    rep.add_argument("--notebooks", help="folder of the notebooks (default: ./notebooks)")
+    rep.add_argument("--figures", help="folder for figures (default: figures/, figures/fast/)")
+    rep.add_argument("--executed", help="folder for executed copies (default: build/executed/)")
+    rep.add_argument("--timeout", type=int, default=3600, help="seconds per cell (default 3600)")
+    rep.set_defaults(func=cmd_reproduce)
+    lst = sub.add_parser("list", help="list the notebooks")
+    lst.add_argument("--notebooks")
+    lst.set_defaults(func=cmd_list)
+    info = sub.add_parser("info", help="package versions and JAX devices")
+    info.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,492 @@
+"""Empirical and infinite-width neural tangent kernels in plain JAX.
+
+One model interface: ``apply_fn(params, x) -> (n, k)`` logits, for any JAX function.
+With ``J(x) = d f(x; params) / d params`` (a ``k x P`` matrix):
+
+* :func:`entk`   ``Theta(x, x') = J(x) J(x')^T``, shape ``(n1, n2, k, k)``;
+* :func:`pntk`   the kernel of ``g(x) = (1/sqrt(k)) sum_j f_j(x)``, equal to
+  ``(1/k) sum_ij Theta_ij``, shape ``(n1, n2)`` (Mohamadi, Bae & Sutherland 2023);
+* :func:`trace_ntk` ``(1/k) sum_i Theta_ii`` (what neural-tangents' default ``trace_axes=(-1,)``
+  returns: it averages over the traced axis) and :func:`single_logit_ntk` ``Theta_11``;
+* :func:`infinite_ntk`, :func:`infinite_nngp`: the analytic infinite-width kernels of a fully
+  connected network in NTK parameterisation (Jacot et al. 2018; Arora et al. 2019).
+
+Two exact routes compute the empirical kernels:
+
+* the *generic* route builds per-example Jacobians (``vmap(jacrev)``) block by block and
+  contracts them; it works for any model;
+* the *dense* route, chosen automatically for :class:`ntk_tutorial.models.MLP`, never forms a
+  ``P``-sized Jacobian.  For a dense layer ``z = a W c + b c_b`` the Jacobian with respect to
+  ``W`` is ``c a (x) delta`` with ``delta = d f / d z``, so each layer contributes
+  ``(c^2 <a(x), a(x')> + c_b^2) * <delta_i(x), delta_j(x')>``: a product of two Gram
+  matrices, one of the activations entering the layer and one of the back-propagated vectors
+  leaving it.  Cost per layer ``O(n^2 (n_in + k^2 n_out))`` instead of ``O(n^2 k^2 n_in n_out)``.
+
+Every function takes ``batch_size`` to compute the kernel in blocks, so the Jacobian of a large
+set never sits in memory whole; results do not depend on it.  A memory guard refuses kernels
+that cannot fit (:class:`KernelTooLargeError`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from functools import lru_cache
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+ApplyFn = Callable[[Any, Array], Array]
+
+KINDS = ("entk", "pntk", "trace", "single")
+MEMORY_ENV = "NTK_TUTORIAL_MAX_BYTES"
+# Budget for one block of Jacobians on the generic route when batch_size is not given.
+_JACOBIAN_BLOCK_BYTES = 512 * 2**20
+
+
+class KernelTooLargeError(MemoryError):
+    """A kernel (or the memory needed to compute it) does not fit in the available memory."""
+
+
+# ---------------------------------------------------------------------------------------------
+# memory accounting
+# ---------------------------------------------------------------------------------------------
+
+
+def kernel_nbytes(n1: int, n2: int, k: int, kind: str = "entk", itemsize: int = 4) -> int:
+    """Bytes of a kernel's output: ``n1*n2*k*k`` entries for ``"entk"``, ``n1*n2`` otherwise.
+
+    Example: CIFAR-10 (n = 50 000, k = 10) in float64 needs ``kernel_nbytes(50_000, 50_000, 10,
+    "entk", 8)`` = 2.0e12 B (1.8 TiB) for the eNTK and 2.0e10 B (18.6 GiB) for the pNTK.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown kernel kind {kind!r}; choose one of {KINDS}")
+    entries = int(n1) * int(n2) * (int(k) ** 2 if kind == "entk" else 1)
+    return entries * int(itemsize)
+
+
+def available_memory() -> int:
+    """Bytes this process may use for a kernel: ``$NTK_TUTORIAL_MAX_BYTES`` if set, else the
+    system's available memory (``MemAvailable`` on Linux, physical memory elsewhere)."""
+    env = os.environ.get(MEMORY_ENV)
+    if env:
+        try:
+            return int(float(env))
+        except ValueError:
+            raise ValueError(f"{MEMORY_ENV} must be a number of bytes, got {env!r}") from None
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - exotic platforms
+        return 8 * 2**30
+
+
+def _gib(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.3g} GiB"
+
+
+def check_kernel_memory(n1: int, n2: int, k: int, kind: str, itemsize: int) -> None:
+    """Raise :class:`KernelTooLargeError` when the kernel would not fit in 80% of free memory."""
+    need = kernel_nbytes(n1, n2, k, kind, itemsize)
+    have = available_memory()
+    if need > 0.8 * have:
+        hint = (
+            f"the pNTK of the same points needs only {_gib(kernel_nbytes(n1, n2, k, 'pntk', itemsize))}"
+            " (use ntk_tutorial.kernels.pntk), "
+            if kind == "entk"
+            else ""
+        )
+        raise KernelTooLargeError(
+            f"a {kind} kernel of {n1} x {n2} points"
+            + (f" with k={k} outputs" if kind == "entk" else "")
+            + f" needs {_gib(need)} but only {_gib(have)} is available. "
+            + hint
+            + "compute it for fewer points (a random pool subset), in float32, or block by block "
+            "(kernel blocks on row subsets of x1); set $NTK_TUTORIAL_MAX_BYTES to change the limit."
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# input validation
+# ---------------------------------------------------------------------------------------------
+
+
+def _validate(x1: Array, x2: Array | None) -> tuple[Array, Array]:
+    x1 = jnp.asarray(x1)
+    x2 = x1 if x2 is None else jnp.asarray(x2)
+    if x1.ndim < 2 or x2.ndim < 2:
+        raise ValueError(
+            f"inputs must be batches with a leading example axis, got shapes {x1.shape} and "
+            f"{x2.shape}; for one example use x[None]"
+        )
+    if x1.shape[1:] != x2.shape[1:]:
+        raise ValueError(
+            f"x1 and x2 must have the same per-example shape, got {x1.shape[1:]} and {x2.shape[1:]}"
+        )
+    for name, x in (("x1", x1), ("x2", x2)):
+        if not bool(jnp.all(jnp.isfinite(x))):
+            bad = int(jnp.sum(~jnp.isfinite(x)))
+            raise ValueError(
+                f"{name} contains {bad} NaN or infinite values; clean or impute the inputs "
+                "before computing a kernel"
+            )
+    return x1, x2
+
+
+def _check_params(params: Any) -> None:
+    for leaf in jax.tree.leaves(params):
+        if not bool(jnp.all(jnp.isfinite(leaf))):
+            raise ValueError(
+                "the network parameters contain NaN or infinite values (did training diverge? "
+                "lower the learning rate)"
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# the generic route: per-example Jacobians
+# ---------------------------------------------------------------------------------------------
+
+
+def _single(apply_fn: ApplyFn) -> Callable[[Any, Array], Array]:
+    return lambda p, xi: apply_fn(p, xi[None])[0]
+
+
+@lru_cache(maxsize=64)
+def _generic_block_fn(apply_fn: ApplyFn, kind: str) -> Callable:
+    """A jitted ``(params, x1b, x2b) -> kernel block`` for one kind, cached per apply_fn."""
+    f = _single(apply_fn)
+
+    if kind == "entk":
+
+        def feats(p, x):  # leaves (n, k, p_leaf)
+            jac = jax.vmap(jax.jacrev(f), (None, 0))(p, x)
+            return [j.reshape(j.shape[0], j.shape[1], -1) for j in jax.tree.leaves(jac)]
+
+        def contract(a, b):
+            return sum(jnp.einsum("aip,bjp->abij", u, v) for u, v in zip(a, b))
+
+    elif kind == "trace":
+
+        def feats(p, x):
+            jac = jax.vmap(jax.jacrev(f), (None, 0))(p, x)
+            return [j.reshape(j.shape[0], j.shape[1], -1) for j in jax.tree.leaves(jac)]
+
+        def contract(a, b):
+            k = a[0].shape[1]
+            return sum(jnp.einsum("aip,bip->ab", u, v) for u, v in zip(a, b)) / k
+
+    else:
+        if kind == "pntk":
+
+            def scalar(p, xi):
+                out = f(p, xi)
+                return out.sum() / jnp.sqrt(out.shape[-1])
+
+        else:  # single logit
+
+            def scalar(p, xi):
+                return f(p, xi)[0]
+
+        def feats(p, x):
+            grads = jax.vmap(jax.grad(scalar), (None, 0))(p, x)
+            return [g.reshape(g.shape[0], -1) for g in jax.tree.leaves(grads)]
+
+        def contract(a, b):
+            return sum(u @ v.T for u, v in zip(a, b))
+
+    @jax.jit
+    def block(p, x1, x2):
+        return contract(feats(p, x1), feats(p, x2))
+
+    return block
+
+
+# ---------------------------------------------------------------------------------------------
+# the dense route: Gram matrices of activations and back-propagated vectors
+# ---------------------------------------------------------------------------------------------
+
+
+def _dense_feats(apply_fn: Any, p: Any, x: Array, kind: str):
+    """Per-layer (activation into the layer, back-propagated vectors out of it, scales)."""
+    from .models import activation_fn
+
+    layers = apply_fn.dense_layers(p)
+    phi = activation_fn(apply_fn.activation)
+    dphi = jax.grad(lambda z: phi(z).sum())
+    a = x.reshape(x.shape[0], -1)
+    acts, pres = [], []
+    for i, (w, b, cw, cb) in enumerate(layers):
+        acts.append(a)
+        z = (a @ w) * cw + b * cb
+        pres.append(z)
+        if i < len(layers) - 1:
+            a = phi(z)
+    n, k = x.shape[0], layers[-1][0].shape[1]
+    dtype = pres[-1].dtype
+    if kind in ("entk", "trace"):
+        delta = jnp.broadcast_to(jnp.eye(k, dtype=dtype), (n, k, k))  # (n, logit, unit)
+    elif kind == "pntk":
+        delta = jnp.full((n, k), 1.0 / math.sqrt(k), dtype=dtype)  # (n, unit)
+    else:
+        delta = jnp.broadcast_to(jnp.eye(k, dtype=dtype)[0], (n, k))
+    deltas = [None] * len(layers)
+    for i in range(len(layers) - 1, -1, -1):
+        deltas[i] = delta
+        if i > 0:
+            w, _, cw, _ = layers[i]
+            gate = dphi(pres[i - 1])
+            delta = (delta @ w.T) * cw * (gate[:, None, :] if delta.ndim == 3 else gate)
+    scales = [(cw, cb) for (_, _, cw, cb) in layers]
+    return acts, deltas, scales
+
+
+@lru_cache(maxsize=64)
+def _dense_block_fn(apply_fn: Any, kind: str) -> Callable:
+    @jax.jit
+    def block(p, x1, x2):
+        a1, d1, scales = _dense_feats(apply_fn, p, x1, kind)
+        a2, d2, _ = _dense_feats(apply_fn, p, x2, kind)
+        last = len(scales) - 1
+        out = 0.0
+        for l, (u1, v1, u2, v2, (cw, cb)) in enumerate(zip(a1, d1, a2, d2, scales)):
+            gram_in = cw**2 * (u1 @ u2.T) + cb**2  # (n1, n2)
+            if kind == "entk":
+                n1, k, m = v1.shape
+                n2 = v2.shape[0]
+                if l == last:  # readout: delta is the identity, its Gram matrix is I_k
+                    gram_out = jnp.eye(k, dtype=gram_in.dtype)[None, :, None, :]
+                else:
+                    gram_out = (v1.reshape(n1 * k, m) @ v2.reshape(n2 * k, m).T).reshape(n1, k, n2, k)
+                # accumulate in (n1, k, n2, k) layout; transposed once at the end
+                out = out + gram_in[:, None, :, None] * gram_out
+            elif kind == "trace":
+                gram_out = jnp.einsum("aio,bio->ab", v1, v2) / v1.shape[1]
+                out = out + gram_in * gram_out
+            else:
+                out = out + gram_in * (v1 @ v2.T)
+        return out.transpose(0, 2, 1, 3) if kind == "entk" else out
+
+    return block
+
+
+# ---------------------------------------------------------------------------------------------
+# public kernels
+# ---------------------------------------------------------------------------------------------
+
+
+def _choose_method(apply_fn: Any, method: str) -> str:
+    if method not in ("auto", "dense", "jacobian"):
+        raise ValueError(f"method must be 'auto', 'dense' or 'jacobian', got {method!r}")
+    dense_ok = bool(getattr(apply_fn, "is_dense", False))
+    if method == "dense" and not dense_ok:
+        raise ValueError(
+            "method='dense' needs an apply_fn that describes its dense layers "
+            "(ntk_tutorial.models.functional of an MLP); use method='jacobian' for other models"
+        )
+    if method == "auto":
+        return "dense" if dense_ok else "jacobian"
+    return method
+
+
+def _auto_batch_size(apply_fn: ApplyFn, params: Any, x: Array, kind: str, method: str) -> int:
+    """Largest block whose Jacobians fit the per-block budget (generic route)."""
+    n = x.shape[0]
+    if method == "dense":
+        return n
+    n_params = sum(int(leaf.size) for leaf in jax.tree.leaves(params))
+    k = jax.eval_shape(apply_fn, params, x[:1]).shape[-1]
+    per_example = n_params * (k if kind in ("entk", "trace") else 1) * x.dtype.itemsize * 2
+    return int(max(1, min(n, _JACOBIAN_BLOCK_BYTES // max(per_example, 1))))
+
+
+def _kernel(
+    kind: str,
+    apply_fn: ApplyFn,
+    params: Any,
+    x1: Array,
+    x2: Array | None,
+    batch_size: int | None,
+    method: str,
+) -> Array:
+    symmetric = x2 is None
+    x1, x2 = _validate(x1, x2)
+    _check_params(params)
+    out_shape = jax.eval_shape(apply_fn, params, x1[:1])
+    if len(out_shape.shape) != 2:
+        raise ValueError(
+            f"apply_fn(params, x) must return (n, k) logits, got per-batch shape {out_shape.shape}"
+        )
+    k = out_shape.shape[-1]
+    n1, n2 = x1.shape[0], x2.shape[0]
+    itemsize = jnp.result_type(out_shape.dtype, x1.dtype).itemsize
+    check_kernel_memory(n1, n2, k, kind, itemsize)
+    method = _choose_method(apply_fn, method)
+    block = (_dense_block_fn if method == "dense" else _generic_block_fn)(apply_fn, kind)
+    if batch_size is None:
+        batch_size = _auto_batch_size(apply_fn, params, x1, kind, method)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+    if batch_size >= max(n1, n2):
+        return block(params, x1, x2)
+
+    shape = (n1, n2) + ((k, k) if kind == "entk" else ())
+    out = np.empty(shape, dtype=np.float64 if itemsize == 8 else np.float32)
+    starts1 = range(0, n1, batch_size)
+    for i in starts1:
+        for j in range(0, n2, batch_size):
+            if symmetric and j < i:
+                blk = out[j : j + batch_size, i : i + batch_size]
+                out[i : i + batch_size, j : j + batch_size] = (
+                    blk.transpose(1, 0, 3, 2) if kind == "entk" else blk.T
+                )
+                continue
+            out[i : i + batch_size, j : j + batch_size] = np.asarray(
+                block(params, x1[i : i + batch_size], x2[j : j + batch_size])
+            )
+    return jnp.asarray(out)
+
+
+_DOC_ARGS = """
+    Args:
+      apply_fn: ``apply_fn(params, x) -> (n, k)`` logits (any JAX function).
+      params: the parameter pytree ``apply_fn`` takes.
+      x1: ``(n1, ...)`` inputs.
+      x2: ``(n2, ...)`` inputs; ``None`` means ``x1`` (the symmetric kernel).
+      batch_size: compute in blocks of this many examples (``None``: the whole set, or blocks that
+        keep the generic route's Jacobians under 512 MiB).  The result does not depend on it.
+      method: ``"auto"`` (dense route for MLPs, else Jacobians), ``"dense"`` or ``"jacobian"``.
+
+    Raises:
+      ValueError: shape mismatch, NaN/inf in the inputs or parameters.
+      KernelTooLargeError: the result would not fit in memory (the message gives the size).
+"""
+
+
+def entk(apply_fn, params, x1, x2=None, *, batch_size=None, method="auto") -> Array:
+    """Full empirical NTK ``Theta[a, b, i, j] = <d f_i(x1_a), d f_j(x2_b)>``, shape ``(n1, n2, k, k)``."""
+    return _kernel("entk", apply_fn, params, x1, x2, batch_size, method)
+
+
+def pntk(apply_fn, params, x1, x2=None, *, batch_size=None, method="auto") -> Array:
+    """Pseudo-NTK: the kernel of ``(1/sqrt(k)) sum_j f_j``, shape ``(n1, n2)``.
+
+    Equals ``(1/k) sum_ij Theta_ij``
+    (Eq. 2 of Mohamadi, Bae & Sutherland 2023), but is computed from one gradient per example,
+    never through the full eNTK: ``k^2`` times less memory.
+    """
+    return _kernel("pntk", apply_fn, params, x1, x2, batch_size, method)
+
+
+def trace_ntk(apply_fn, params, x1, x2=None, *, batch_size=None, method="auto") -> Array:
+    """Trace kernel ``(1/k) sum_i Theta_ii``, shape ``(n1, n2)``.
+
+    neural-tangents' default ``trace_axes=(-1,)`` returns the same (a mean, not a sum).
+    """
+    return _kernel("trace", apply_fn, params, x1, x2, batch_size, method)
+
+
+def single_logit_ntk(apply_fn, params, x1, x2=None, *, batch_size=None, method="auto") -> Array:
+    """Single-logit kernel ``Theta_11 = <d f_1(x), d f_1(x')>``, shape ``(n1, n2)``."""
+    return _kernel("single", apply_fn, params, x1, x2, batch_size, method)
+
+
+for _fn in (entk, pntk, trace_ntk, single_logit_ntk):
+    _fn.__doc__ += _DOC_ARGS
+
+
+# ---------------------------------------------------------------------------------------------
+# infinite width
+# ---------------------------------------------------------------------------------------------
+
+
+def _relu_moments(s11, s12, s22):
+    norm = jnp.sqrt(s11 * s22)
+    safe = jnp.where(norm > 0, norm, 1.0)
+    cos = jnp.clip(jnp.where(norm > 0, s12 / safe, 1.0), -1.0, 1.0)
+    t = jnp.arccos(cos)
+    e_phi = norm * (jnp.sin(t) + (jnp.pi - t) * cos) / (2 * jnp.pi)
+    e_dphi = (jnp.pi - t) / (2 * jnp.pi)
+    return e_phi, e_dphi
+
+
+def _erf_moments(s11, s12, s22):
+    # phi = erf: E[erf(u) erf(v)] = (2/pi) arcsin(2 s12 / sqrt((1 + 2 s11)(1 + 2 s22)))
+    # phi' = (2/sqrt(pi)) exp(-u^2): E[phi'(u) phi'(v)] = (4/pi) / sqrt((1+2s11)(1+2s22) - 4 s12^2)
+    d = (1 + 2 * s11) * (1 + 2 * s22)
+    e_phi = (2 / jnp.pi) * jnp.arcsin(jnp.clip(2 * s12 / jnp.sqrt(d), -1.0, 1.0))
+    e_dphi = (4 / jnp.pi) / jnp.sqrt(d - 4 * s12**2)
+    return e_phi, e_dphi
+
+
+_MOMENTS = {"relu": _relu_moments, "erf": _erf_moments}
+
+
+def _infinite(x1, x2, depth, activation, w_std, b_std):
+    if activation not in _MOMENTS:
+        raise ValueError(
+            f"infinite-width kernels are implemented for {sorted(_MOMENTS)}, got {activation!r}"
+        )
+    if depth < 0:
+        raise ValueError(f"depth (number of hidden layers) must be >= 0, got {depth}")
+    x1, x2 = _validate(x1, x2)
+    x1 = x1.reshape(x1.shape[0], -1)
+    x2 = x2.reshape(x2.shape[0], -1)
+    d = x1.shape[1]
+    w2, b2 = w_std**2, b_std**2
+    s12 = w2 * (x1 @ x2.T) / d + b2
+    s11 = w2 * jnp.sum(x1**2, axis=1) / d + b2
+    s22 = w2 * jnp.sum(x2**2, axis=1) / d + b2
+    ntk = s12
+    moments = _MOMENTS[activation]
+    for _ in range(depth):
+        e_phi, e_dphi = moments(s11[:, None], s12, s22[None, :])
+        d11, _ = moments(s11, s11, s11)
+        d22, _ = moments(s22, s22, s22)
+        s12 = w2 * e_phi + b2
+        ntk = ntk * (w2 * e_dphi) + s12
+        s11 = w2 * d11 + b2
+        s22 = w2 * d22 + b2
+    return ntk, s12
+
+
+def infinite_ntk(x1, x2=None, *, depth: int, activation: str = "relu",
+                 w_std: float = math.sqrt(2.0), b_std: float = 0.1) -> Array:
+    """Analytic infinite-width NTK of :class:`~ntk_tutorial.models.MLP` in NTK parameterisation.
+
+    The network is ``depth`` hidden layers ``Dense -> activation`` and a dense readout, with
+    neural-tangents' ``stax.Dense(W_std=w_std, b_std=b_std)`` conventions.  Recursion (Jacot et
+    al. 2018; Arora et al. 2019)::
+
+        Sigma^1 = w^2 x.x'/d + b^2,   Theta^1 = Sigma^1
+        Sigma^{l+1} = w^2 E[phi(u) phi(v)] + b^2,   dSigma^{l+1} = w^2 E[phi'(u) phi'(v)]
+        Theta^{l+1} = Theta^l dSigma^{l+1} + Sigma^{l+1}
+
+    with ``(u, v)`` Gaussian of covariance ``Sigma^l`` on the pair; closed forms for ReLU
+    (arc-cosine kernels) and erf.  Returns ``(n1, n2)``; the eNTK converges to
+    ``infinite_ntk(...) (x) I_k`` as the widths grow.
+    """
+    return _infinite(x1, x2, depth, activation, w_std, b_std)[0]
+
+
+def infinite_nngp(x1, x2=None, *, depth: int, activation: str = "relu",
+                  w_std: float = math.sqrt(2.0), b_std: float = 0.1) -> Array:
+    """Infinite-width NNGP kernel (covariance of the outputs at initialisation), ``(n1, n2)``.
+
+    Same network and conventions as :func:`infinite_ntk`.
+    """
+    return _infinite(x1, x2, depth, activation, w_std, b_std)[1]
+
+
+def as_matrix(theta: Array) -> Array:
+    """Reshape an ``(n1, n2, k, k)`` eNTK into its ``(n1 k) x (n2 k)`` matrix (example-major)."""
+    n1, n2, k1, k2 = theta.shape
+    return theta.transpose(0, 2, 1, 3).reshape(n1 * k1, n2 * k2)

@@ -1,0 +1,236 @@
+"""Training loops that record how predictions (and the kernel) move: learning paths.
+
+Losses, per example and averaged over the batch:
+
+* ``"mse"``: ``(1/2) ||f(x) - y||^2`` with ``y`` one-hot (int labels are converted) or real
+  targets.  Full-batch gradient descent with rate ``eta`` on the mean over ``n`` examples
+  follows, to first order, ``f <- f - (eta / n) Theta(X, X) (f - Y)``.
+* ``"xent"``: softmax cross-entropy with int labels or target distributions ``(n, k)``
+  (soft targets are what distillation trains on); ``grad_f = softmax(f) - p_target``.
+
+``train`` returns the final parameters, the loss at every step and, at the requested steps,
+the predictions on chosen points and optionally a kernel: the raw material of the learning-path
+and lazy-training notebooks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from . import kernels as _kernels
+
+Array = jax.Array
+LOSSES = ("mse", "xent")
+
+
+def _targets(y, k: int, loss: str) -> Array:
+    y = jnp.asarray(y)
+    if y.ndim == 1:
+        if not jnp.issubdtype(y.dtype, jnp.integer):
+            raise ValueError("1-D targets must be int class labels; pass (n, k) arrays for real targets")
+        return jax.nn.one_hot(y, k)
+    if y.ndim != 2 or y.shape[1] != k:
+        raise ValueError(f"targets must be (n,) labels or (n, {k}) arrays, got shape {y.shape}")
+    return y
+
+
+def loss_fn(name: str) -> Callable[[Array, Array], Array]:
+    """Per-example loss ``(logits (n, k), targets (n, k)) -> (n,)``."""
+    if name == "mse":
+        return lambda f, t: 0.5 * jnp.sum((f - t) ** 2, axis=-1)
+    if name == "xent":
+        return lambda f, t: -jnp.sum(t * jax.nn.log_softmax(f), axis=-1)
+    raise ValueError(f"unknown loss {name!r}; choose one of {LOSSES}")
+
+
+def loss_grad_wrt_logits(name: str, logits: Array, targets: Array) -> Array:
+    """``d loss / d f`` per example: ``f - y`` (mse) or ``softmax(f) - p_target`` (xent)."""
+    if name == "mse":
+        return logits - targets
+    if name == "xent":
+        return jax.nn.softmax(logits) - targets
+    raise ValueError(f"unknown loss {name!r}; choose one of {LOSSES}")
+
+
+def _check_finite(losses: list, step: int, lr: float) -> None:
+    last = float(losses[-1])
+    if not np.isfinite(last):
+        raise FloatingPointError(f"training diverged by step {step} (loss {last}); lower lr={lr}")
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns.
+
+    Attributes:
+      params: parameters after the last step.
+      losses: ``(steps,)`` training loss of each step (full batch for GD, the mini-batch for SGD).
+      record_steps: steps at which ``predictions``/``kernels`` were recorded (0 = before training).
+      predictions: ``(len(record_steps), n_record, k)`` logits on ``record_x``, or ``None``.
+      kernels: ``(len(record_steps), ...)`` kernels on ``record_x``, or ``None``.
+      config: the settings, seed included, to store beside results.
+    """
+
+    params: Any
+    losses: np.ndarray
+    record_steps: np.ndarray
+    predictions: np.ndarray | None = None
+    kernels: np.ndarray | None = None
+    config: dict = field(default_factory=dict)
+
+
+_KERNEL_FNS = {
+    "entk": _kernels.entk,
+    "pntk": _kernels.pntk,
+    "trace": _kernels.trace_ntk,
+    "single": _kernels.single_logit_ntk,
+}
+
+
+def train(
+    apply_fn: Callable,
+    params: Any,
+    x: Array,
+    y: Array,
+    *,
+    lr: float,
+    steps: int | None = None,
+    epochs: int | None = None,
+    loss: str = "mse",
+    batch_size: int | None = None,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    key: Array | None = None,
+    dropout: bool = False,
+    record_steps: Iterable[int] = (),
+    record_x: Array | None = None,
+    record_kernel: str | Callable | None = None,
+    callback: Callable[[int, Any], None] | None = None,
+    progress: bool = False,
+) -> TrainResult:
+    """Train ``apply_fn``'s parameters by full-batch GD or mini-batch SGD with optax.
+
+    Args:
+      apply_fn, params: the model (``apply_fn(params, x) -> (n, k)``) and its start point.
+      x, y: training inputs and targets (int labels or ``(n, k)`` arrays).
+      lr: learning rate.
+      steps / epochs: how long; give one.  An epoch is ``ceil(n / batch_size)`` steps.
+      loss: ``"mse"`` or ``"xent"``.
+      batch_size: ``None`` for full-batch gradient descent, else SGD on shuffled mini-batches
+        (needs ``key``).
+      momentum: heavy-ball momentum (0 = plain GD/SGD).
+      weight_decay: L2 penalty ``wd/2 ||params||^2`` added to the loss.
+      key: PRNG key for shuffling and dropout.
+      dropout: pass a fresh ``dropout_key`` to ``apply_fn`` at each step (models with dropout).
+      record_steps: steps at which to record (0 = before the first update, ``steps`` = after
+        the last).
+      record_x: points whose logits are recorded (default: the training inputs).
+      record_kernel: ``"entk"``, ``"pntk"``, ``"trace"``, ``"single"`` or a callable
+        ``(apply_fn, params, x) -> kernel`` recorded on ``record_x`` at the same steps.
+      callback: ``callback(step, params)`` called after every step.
+      progress: show a tqdm bar.
+    """
+    x = jnp.asarray(x)
+    n = x.shape[0]
+    k = jax.eval_shape(apply_fn, params, x[:1]).shape[-1]
+    targets = _targets(y, k, loss)
+    if targets.shape[0] != n:
+        raise ValueError(f"x has {n} examples but y has {targets.shape[0]}")
+    per_example = loss_fn(loss)
+    if batch_size is not None and key is None:
+        raise ValueError("mini-batch SGD shuffles: pass key=jax.random.key(seed)")
+    if dropout and key is None:
+        raise ValueError("dropout needs key=jax.random.key(seed)")
+    steps_per_epoch = 1 if batch_size is None else -(-n // int(batch_size))
+    if (steps is None) == (epochs is None):
+        raise ValueError("give exactly one of steps= or epochs=")
+    total = int(steps if steps is not None else epochs * steps_per_epoch)
+
+    opt = optax.sgd(lr, momentum=momentum or None)
+    opt_state = opt.init(params)
+
+    def objective(p, xb, tb, dkey):
+        out = apply_fn(p, xb, dkey) if dropout else apply_fn(p, xb)
+        value = per_example(out, tb).mean()
+        if weight_decay:
+            value = value + 0.5 * weight_decay * sum(jnp.sum(w**2) for w in jax.tree.leaves(p))
+        return value
+
+    @jax.jit
+    def step_fn(p, s, xs, ts, idx, dkey):
+        xb, tb = (xs, ts) if idx is None else (xs[idx], ts[idx])
+        value, grads = jax.value_and_grad(objective)(p, xb, tb, dkey)
+        updates, s = opt.update(grads, s, p)
+        return optax.apply_updates(p, updates), s, value
+
+    rec_steps = sorted({int(s) for s in record_steps})
+    if rec_steps and (rec_steps[0] < 0 or rec_steps[-1] > total):
+        raise ValueError(f"record_steps must lie in [0, {total}], got {rec_steps[0]}..{rec_steps[-1]}")
+    rec_x = x if record_x is None else jnp.asarray(record_x)
+    kernel_fn = _KERNEL_FNS.get(record_kernel, record_kernel) if isinstance(record_kernel, str) else record_kernel
+    if isinstance(record_kernel, str) and record_kernel not in _KERNEL_FNS:
+        raise ValueError(f"record_kernel must be one of {sorted(_KERNEL_FNS)} or a callable")
+    preds, kerns = [], []
+    predict = jax.jit(apply_fn)
+
+    def record(p):
+        preds.append(np.asarray(predict(p, rec_x)))
+        if kernel_fn is not None:
+            kerns.append(np.asarray(kernel_fn(apply_fn, p, rec_x)))
+
+    if 0 in rec_steps:
+        record(params)
+    losses = []
+    order = None
+    shuffle_key, dropout_key = jax.random.split(key) if key is not None else (None, None)
+    it = range(1, total + 1)
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(it, desc="training", leave=False)
+    for step in it:
+        dkey = jax.random.fold_in(dropout_key, step) if dropout else None
+        idx = None
+        if batch_size is not None:
+            pos = (step - 1) % steps_per_epoch
+            if pos == 0:
+                order = np.asarray(jax.random.permutation(jax.random.fold_in(shuffle_key, step), n))
+            idx = order[pos * batch_size : (pos + 1) * batch_size]
+        params, opt_state, value = step_fn(params, opt_state, x, targets, idx, dkey)
+        losses.append(value)
+        if step % 100 == 0 or step == total:
+            _check_finite(losses, step, lr)
+        if callback is not None:
+            callback(step, params)
+        if step in rec_steps:
+            record(params)
+    losses = np.asarray(jnp.stack(losses)) if losses else np.zeros(0)
+    config = dict(lr=lr, steps=total, loss=loss, batch_size=batch_size, momentum=momentum,
+                  weight_decay=weight_decay, dropout=dropout,
+                  key=None if key is None else np.asarray(jax.random.key_data(key)).tolist())
+    return TrainResult(
+        params=params,
+        losses=losses,
+        record_steps=np.asarray(rec_steps, int),
+        predictions=np.stack(preds) if preds else None,
+        kernels=np.stack(kerns) if kerns else None,
+        config=config,
+    )
+
+
+def predict(apply_fn: Callable, params: Any, x: Array, *, batch_size: int = 4096) -> Array:
+    """Logits on ``x`` in batches (keeps memory bounded for large test sets)."""
+    x = jnp.asarray(x)
+    f = jax.jit(apply_fn)
+    return jnp.concatenate([f(params, x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)])
+
+
+def accuracy(apply_fn: Callable, params: Any, x: Array, y: Array) -> float:
+    """Fraction of ``x`` whose argmax logit equals the int label ``y``."""
+    return float(jnp.mean(jnp.argmax(predict(apply_fn, params, x), -1) == jnp.asarray(y)))

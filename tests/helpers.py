@@ -1,0 +1,32 @@
+"""Independent references the unit tests compare against (no code shared with the package)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.flatten_util import ravel_pytree
+
+from ntk_tutorial import models
+
+
+def flat_jacobian(apply_fn, params, x):
+    """(n, k, P) Jacobian through jax.jacrev on the raveled parameter vector."""
+    flat, unravel = ravel_pytree(params)
+    return jax.jacrev(lambda w: apply_fn(unravel(w), x))(flat)
+
+
+def reference_entk(apply_fn, params, x1, x2=None):
+    x2 = x1 if x2 is None else x2
+    j1, j2 = flat_jacobian(apply_fn, params, x1), flat_jacobian(apply_fn, params, x2)
+    return jnp.einsum("aip,bjp->abij", j1, j2)
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
+
+
+def mlp(widths, seed=0, dtype=jnp.float64, **kw):
+    model = models.MLP(widths, rngs=nnx.Rngs(params=jax.random.key(seed)), **kw)
+    apply_fn, params = models.functional(model)
+    return apply_fn, jax.tree.map(lambda a: a.astype(dtype), params)

@@ -1,0 +1,77 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from ntk_tutorial import cli, config
+from ntk_tutorial.plotting import save_figure
+
+
+def _notebook(path: Path, sources: list[str]) -> None:
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(s) for s in sources]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+
+
+def test_pick_follows_the_environment(monkeypatch):
+    monkeypatch.setenv(config.FAST_ENV, "1")
+    assert config.pick(full=100, fast=3) == 3
+    monkeypatch.setenv(config.FAST_ENV, "0")
+    assert config.pick(full=100, fast=3) == 100
+    monkeypatch.delenv(config.FAST_ENV)
+    assert not config.is_fast()
+
+
+def test_save_figure_writes_png_and_numbers(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    monkeypatch.setenv("NTK_TUTORIAL_FIGURES", str(tmp_path))
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    png = save_figure(fig, "demo", {"y": np.array([1.0, 0.0])}, seed=7, notebook="99_demo")
+    meta = json.loads((tmp_path / "demo.json").read_text())
+    assert png.exists() and png.stat().st_size > 1000
+    assert meta["data"]["y"] == [1.0, 0.0] and meta["seed"] == 7 and "jax" in meta["versions"]
+    with pytest.raises(ValueError, match="bare file stem"):
+        save_figure(fig, "sub/demo.png")
+
+
+def test_select_by_number_and_name(tmp_path):
+    for name in ("00_start_here.ipynb", "01_paths.ipynb", "02_pntk.ipynb", "notes.ipynb"):
+        (tmp_path / name).write_text("{}")
+    nbs = cli.list_notebooks(tmp_path)
+    assert [p.stem for p in nbs] == ["00_start_here", "01_paths", "02_pntk"]
+    assert [p.stem for p in cli.select(nbs, ["2"])] == ["02_pntk"]
+    assert [p.stem for p in cli.select(nbs, ["paths", "00"])] == ["00_start_here", "01_paths"]
+    with pytest.raises(SystemExit, match="no notebook matches '7'"):
+        cli.select(nbs, ["7"])
+
+
+def test_reproduce_reports_the_failing_cell_and_continues(tmp_path):
+    nbs = tmp_path / "notebooks"
+    nbs.mkdir()
+    _notebook(nbs / "01_fails.ipynb", ["x = 1", "assert x == 2, 'claim broken'", "print('unreached')"])
+    _notebook(nbs / "02_works.ipynb", [
+        "import os\nfrom ntk_tutorial import is_fast\nassert is_fast()",
+        "import matplotlib.pyplot as plt\nfrom ntk_tutorial.plotting import save_figure\n"
+        "fig, ax = plt.subplots(); save_figure(fig, 'tiny', {'a': 1})",
+    ])
+    figs = tmp_path / "figs"
+    proc = subprocess.run(
+        [sys.executable, "-m", "ntk_tutorial.cli", "reproduce", "--fast", "--notebooks", str(nbs),
+         "--figures", str(figs), "--executed", str(tmp_path / "done")],
+        capture_output=True, text=True, timeout=300,
+    )
+    out = proc.stdout
+    assert proc.returncode == 1, out + proc.stderr
+    assert "01_fails" in out and "FAILED" in out and "cell 1" in out and "claim broken" in out
+    assert "02_works" in out and "1 passed, 1 failed" in out
+    assert (figs / "tiny.png").exists() and (tmp_path / "done" / "02_works.ipynb").exists()

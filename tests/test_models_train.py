@@ -1,0 +1,113 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from ntk_tutorial import kernels, models, train
+from helpers import mlp, rel_err
+
+
+def test_parameterisations_define_the_same_function_family():
+    """NTK and standard parameterisation: same output variance at init (Monte Carlo)."""
+    x = jax.random.normal(jax.random.key(0), (3, 10))
+    outs = {}
+    for par in ("ntk", "standard"):
+        outs[par] = np.stack([
+            np.asarray(mlp((10, 256, 4), seed=s, parameterization=par)[0](
+                mlp((10, 256, 4), seed=s, parameterization=par)[1], x))
+            for s in range(30)
+        ])
+    assert abs(outs["ntk"].var() / outs["standard"].var() - 1) < 0.25
+
+
+def test_functional_round_trip_and_dense_description():
+    model = models.MLP((6, 5, 2), w_std=1.7, b_std=0.3, rngs=nnx.Rngs(params=jax.random.key(1)))
+    apply_fn, params = models.functional(model)
+    x = jnp.ones((4, 6))
+    np.testing.assert_allclose(apply_fn(params, x), model(x), rtol=1e-6)
+    (w, b, cw, cb), _ = apply_fn.dense_layers(params)
+    assert w.shape == (6, 5) and cw == pytest.approx(1.7 / np.sqrt(6)) and cb == pytest.approx(0.3)
+    assert models.num_params(params) == 6 * 5 + 5 + 5 * 2 + 2
+    # same architecture, another seed: equal functional models (compiled code is reused)
+    other, _ = models.functional(models.MLP((6, 5, 2), w_std=1.7, b_std=0.3, rngs=nnx.Rngs(7)))
+    assert other == apply_fn and hash(other) == hash(apply_fn)
+
+
+def test_dropout_only_with_a_key():
+    apply_fn, params = mlp((6, 64, 3), dropout=0.5)
+    x = jnp.ones((2, 6))
+    np.testing.assert_array_equal(apply_fn(params, x), apply_fn(params, x))
+    a = apply_fn(params, x, jax.random.key(1))
+    b = apply_fn(params, x, jax.random.key(2))
+    assert not np.allclose(a, b)
+
+
+def test_model_argument_errors():
+    with pytest.raises(ValueError, match="unknown activation 'sigmoidal'"):
+        models.MLP((3, 2), activation="sigmoidal", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="parameterization"):
+        models.MLP((3, 2), parameterization="mup", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="widths"):
+        models.MLP((3,), rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("loss", ["mse", "xent"])
+def test_one_gd_step_moves_predictions_by_the_entk(loss):
+    """f_1(x_o) - f_0(x_o) = -(lr/n) sum_u Theta(x_o, x_u) grad_f loss(x_u) + O(lr^2)."""
+    apply_fn, params = mlp((5, 64, 64, 3), seed=2)
+    x = jax.random.normal(jax.random.key(3), (8, 5))
+    xo = jax.random.normal(jax.random.key(4), (4, 5))
+    y = jnp.array([0, 1, 2, 0, 1, 2, 0, 1])
+    f0 = apply_fn(params, x)
+    g = train.loss_grad_wrt_logits(loss, f0, jax.nn.one_hot(y, 3))
+    theta = kernels.entk(apply_fn, params, xo, x)
+    errs = []
+    for lr in (1e-2, 1e-3):
+        res = train.train(apply_fn, params, x, y, lr=lr, steps=1, loss=loss, record_steps=[0, 1], record_x=xo)
+        moved = res.predictions[1] - res.predictions[0]
+        predicted = -(lr / len(x)) * jnp.einsum("abij,bj->ai", theta, g)
+        errs.append(rel_err(moved, predicted))
+    assert errs[1] < 1e-3 and errs[1] < errs[0] / 5  # error O(lr): relative error shrinks with lr
+
+
+def test_training_records_and_reduces_loss():
+    apply_fn, params = mlp((5, 32, 3), seed=0, dtype=jnp.float32)
+    x = jax.random.normal(jax.random.key(5), (20, 5))
+    y = jnp.arange(20) % 3
+    res = train.train(apply_fn, params, x, y, lr=0.5, steps=50, record_steps=[0, 10, 50],
+                      record_x=x[:4], record_kernel="pntk")
+    assert res.losses.shape == (50,) and res.losses[-1] < res.losses[0]
+    assert res.predictions.shape == (3, 4, 3) and res.kernels.shape == (3, 4, 4)
+    np.testing.assert_allclose(res.predictions[-1], apply_fn(res.params, x[:4]), rtol=1e-5)
+    acc = train.accuracy(apply_fn, res.params, x, y)
+    assert 0.0 <= acc <= 1.0
+
+
+def test_sgd_is_reproducible_from_its_key_and_records_the_seed():
+    apply_fn, params = mlp((5, 16, 2), seed=0, dtype=jnp.float32)
+    x = jax.random.normal(jax.random.key(6), (30, 5))
+    y = (x[:, 0] > 0).astype(jnp.int32)
+    run = lambda k: train.train(apply_fn, params, x, y, lr=0.1, epochs=3, batch_size=8,  # noqa: E731
+                                momentum=0.9, loss="xent", key=jax.random.key(k))
+    a, b, c = run(1), run(1), run(2)
+    np.testing.assert_array_equal(a.losses, b.losses)
+    assert not np.array_equal(a.losses, c.losses)
+    assert a.losses.shape == (12,) and a.config["key"] is not None
+
+
+def test_train_argument_errors():
+    apply_fn, params = mlp((5, 8, 2), dtype=jnp.float32)
+    x, y = jnp.ones((4, 5)), jnp.array([0, 1, 0, 1])
+    with pytest.raises(ValueError, match="exactly one of steps= or epochs="):
+        train.train(apply_fn, params, x, y, lr=0.1)
+    with pytest.raises(ValueError, match="key="):
+        train.train(apply_fn, params, x, y, lr=0.1, steps=1, batch_size=2)
+    with pytest.raises(ValueError, match="unknown loss"):
+        train.train(apply_fn, params, x, y, lr=0.1, steps=1, loss="hinge")
+    with pytest.raises(ValueError, match="but y has 3"):
+        train.train(apply_fn, params, x, y[:3], lr=0.1, steps=1)
+    with pytest.raises(ValueError, match="record_steps"):
+        train.train(apply_fn, params, x, y, lr=0.1, steps=2, record_steps=[5])
+    with pytest.raises(FloatingPointError, match="lower lr"):
+        train.train(apply_fn, params, x * 1e3, y, lr=1e6, steps=100)
