@@ -56,14 +56,15 @@ class Dense(nnx.Module):
         parameterization: str = "ntk",
         w_std: float = math.sqrt(2.0),
         b_std: float = 0.1,
+        param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ):
         if parameterization not in PARAMETERIZATIONS:
             raise ValueError(
                 f"unknown parameterization {parameterization!r}; choose one of {PARAMETERIZATIONS}"
             )
-        w = jax.random.normal(rngs.params(), (n_in, n_out))
-        b = jax.random.normal(rngs.params(), (n_out,))
+        w = jax.random.normal(rngs.params(), (n_in, n_out), dtype=param_dtype)
+        b = jax.random.normal(rngs.params(), (n_out,), dtype=param_dtype)
         if parameterization == "ntk":
             self.w_scale, self.b_scale = w_std / math.sqrt(n_in), float(b_std)
         else:
@@ -86,6 +87,8 @@ class MLP(nnx.Module):
       dropout: dropout rate on every hidden layer's output; active only when ``__call__`` gets a
         ``dropout_key`` (MC dropout), so kernels and evaluation see the deterministic network.
       w_std, b_std: weight and bias standard deviations (neural-tangents' ``W_std``, ``b_std``).
+      param_dtype: parameter dtype, float32 by default even when float64 is enabled
+        (``jnp.float64`` for checks that need the extra digits).
       rngs: ``nnx.Rngs`` built from an explicit key, e.g. ``nnx.Rngs(params=key)``.
     """
 
@@ -98,6 +101,7 @@ class MLP(nnx.Module):
         *,
         w_std: float = math.sqrt(2.0),
         b_std: float = 0.1,
+        param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ):
         widths = tuple(int(w) for w in widths)
@@ -113,7 +117,8 @@ class MLP(nnx.Module):
         self.w_std, self.b_std = float(w_std), float(b_std)
         self.layers = nnx.List(
             [
-                Dense(a, b, parameterization=parameterization, w_std=w_std, b_std=b_std, rngs=rngs)
+                Dense(a, b, parameterization=parameterization, w_std=w_std, b_std=b_std,
+                      param_dtype=param_dtype, rngs=rngs)
                 for a, b in zip(widths[:-1], widths[1:])
             ]
         )

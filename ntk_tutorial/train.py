@@ -112,6 +112,7 @@ def train(
     record_x: Array | None = None,
     record_kernel: str | Callable | None = None,
     callback: Callable[[int, Any], None] | None = None,
+    stop_loss: float | None = None,
     progress: bool = False,
 ) -> TrainResult:
     """Train ``apply_fn``'s parameters by full-batch GD or mini-batch SGD with optax.
@@ -134,6 +135,9 @@ def train(
       record_kernel: ``"entk"``, ``"pntk"``, ``"trace"``, ``"single"`` or a callable
         ``(apply_fn, params, x) -> kernel`` recorded on ``record_x`` at the same steps.
       callback: ``callback(step, params)`` called after every step.
+      stop_loss: stop as soon as the step's training loss is at or below this value (to train
+        several networks "to the same loss"); the last step is then also recorded when
+        ``record_steps`` asks for steps that were not reached.
       progress: show a tqdm bar.
     """
     x = jnp.asarray(x)
@@ -210,8 +214,15 @@ def train(
             callback(step, params)
         if step in rec_steps:
             record(params)
+        if stop_loss is not None and float(value) <= stop_loss:
+            if rec_steps and rec_steps[-1] > step:
+                rec_steps = [s for s in rec_steps if s <= step]
+                if rec_steps[-1] != step:
+                    rec_steps.append(step)
+                    record(params)
+            break
     losses = np.asarray(jnp.stack(losses)) if losses else np.zeros(0)
-    config = dict(lr=lr, steps=total, loss=loss, batch_size=batch_size, momentum=momentum,
+    config = dict(lr=lr, steps=len(losses), stop_loss=stop_loss, loss=loss, batch_size=batch_size, momentum=momentum,
                   weight_decay=weight_decay, dropout=dropout,
                   key=None if key is None else np.asarray(jax.random.key_data(key)).tolist())
     return TrainResult(

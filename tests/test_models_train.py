@@ -111,3 +111,23 @@ def test_train_argument_errors():
         train.train(apply_fn, params, x, y, lr=0.1, steps=2, record_steps=[5])
     with pytest.raises(FloatingPointError, match="lower lr"):
         train.train(apply_fn, params, x * 1e3, y, lr=1e6, steps=100)
+
+
+def test_stop_loss_stops_early_and_records_the_last_step():
+    apply_fn, params = mlp((5, 32, 3), seed=0, dtype=jnp.float32)
+    x = jax.random.normal(jax.random.key(9), (12, 5))
+    y = jnp.arange(12) % 3
+    full = train.train(apply_fn, params, x, y, lr=0.5, steps=400)
+    target = float(full.losses[50])
+    res = train.train(apply_fn, params, x, y, lr=0.5, steps=400, stop_loss=target,
+                      record_steps=[0, 400], record_x=x[:2])
+    assert len(res.losses) <= 51 and res.losses[-1] <= target and (res.losses[:-1] > target).all()
+    assert res.record_steps.tolist() == [0, len(res.losses)]
+    np.testing.assert_allclose(res.predictions[-1], apply_fn(res.params, x[:2]), rtol=1e-5)
+
+
+def test_param_dtype_is_float32_by_default_even_with_x64():
+    _, params = models.functional(models.MLP((3, 4, 2), rngs=nnx.Rngs(0)))
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(params))
+    _, p64 = models.functional(models.MLP((3, 4, 2), param_dtype=jnp.float64, rngs=nnx.Rngs(0)))
+    assert all(leaf.dtype == jnp.float64 for leaf in jax.tree.leaves(p64))
