@@ -23,8 +23,10 @@ Two exact routes compute the empirical kernels:
   leaving it.  Cost per layer ``O(n^2 (n_in + k^2 n_out))`` instead of ``O(n^2 k^2 n_in n_out)``.
 
 Every function takes ``batch_size`` to compute the kernel in blocks, so the Jacobian of a large
-set never sits in memory whole; results do not depend on it.  A memory guard refuses kernels
-that cannot fit (:class:`KernelTooLargeError`).
+set never sits in memory whole; results do not depend on it.  Each block's rows are split over
+all visible JAX devices (``jax.sharding``), and ``out="kernel.npy"`` writes a kernel larger than
+memory block by block into a memory-mapped file.  A memory guard refuses kernels that cannot fit
+and names these routes (:class:`KernelTooLargeError`).
 """
 
 from __future__ import annotations
@@ -94,6 +96,22 @@ def _gib(nbytes: float) -> str:
     return f"{nbytes / 2**30:.3g} GiB"
 
 
+def check_disk_space(path: Any, nbytes: int) -> None:
+    """Raise :class:`KernelTooLargeError` when the folder of ``path`` lacks ``nbytes`` free."""
+    import shutil
+    from pathlib import Path
+
+    folder = Path(path).expanduser().resolve().parent
+    if not folder.is_dir():
+        raise ValueError(f"cannot write the kernel to {path}: folder {folder} does not exist")
+    free = shutil.disk_usage(folder).free
+    if nbytes > free:
+        raise KernelTooLargeError(
+            f"the kernel needs {_gib(nbytes)} on disk but {folder} has {_gib(free)} free; "
+            "choose another folder for out=, fewer points, or the pNTK"
+        )
+
+
 def check_kernel_memory(n1: int, n2: int, k: int, kind: str, itemsize: int) -> None:
     """Raise :class:`KernelTooLargeError` when the kernel would not fit in 80% of free memory."""
     need = kernel_nbytes(n1, n2, k, kind, itemsize)
@@ -110,8 +128,9 @@ def check_kernel_memory(n1: int, n2: int, k: int, kind: str, itemsize: int) -> N
             + (f" with k={k} outputs" if kind == "entk" else "")
             + f" needs {_gib(need)} but only {_gib(have)} is available. "
             + hint
-            + "compute it for fewer points (a random pool subset), in float32, or block by block "
-            "(kernel blocks on row subsets of x1); set $NTK_TUTORIAL_MAX_BYTES to change the limit."
+            + "compute it for fewer points (a random pool subset), in float32, or write it block by "
+            "block to a memory-mapped file on disk with out='kernel.npy'; set "
+            "$NTK_TUTORIAL_MAX_BYTES to change the limit."
         )
 
 
@@ -308,6 +327,34 @@ def _auto_batch_size(apply_fn: ApplyFn, params: Any, x: Array, kind: str, method
     return int(max(1, min(n, _JACOBIAN_BLOCK_BYTES // max(per_example, 1))))
 
 
+def _run_block(block, params, xa, xb, devices) -> np.ndarray:
+    """One kernel block; with several devices its rows are split across them.
+
+    ``jax.shard_map`` over a 1-D mesh runs the block's own code on each device's row shard
+    (rows are independent, so nothing is communicated); rows are padded to a multiple of the
+    device count and the padding dropped afterwards.
+    """
+    if len(devices) == 1:
+        return np.asarray(block(params, xa, xb))
+    from jax.sharding import Mesh
+
+    mesh = Mesh(np.asarray(devices), ("rows",))
+    n = xa.shape[0]
+    pad = (-n) % len(devices)
+    if pad:
+        xa = jnp.concatenate([xa, jnp.repeat(xa[-1:], pad, axis=0)])
+    sharded = _sharded_block(block, mesh)
+    return np.asarray(sharded(params, xa, xb))[:n]
+
+
+@lru_cache(maxsize=64)
+def _sharded_block(block, mesh):
+    from jax.sharding import PartitionSpec as P
+
+    return jax.jit(jax.shard_map(block, mesh=mesh, in_specs=(P(), P("rows"), P()),
+                                 out_specs=P("rows"), check_vma=False))
+
+
 def _kernel(
     kind: str,
     apply_fn: ApplyFn,
@@ -316,6 +363,8 @@ def _kernel(
     x2: Array | None,
     batch_size: int | None,
     method: str,
+    devices: Any = None,
+    out: Any = None,
 ) -> Array:
     symmetric = x2 is None
     x1, x2 = _validate(x1, x2)
@@ -328,31 +377,46 @@ def _kernel(
     k = out_shape.shape[-1]
     n1, n2 = x1.shape[0], x2.shape[0]
     itemsize = jnp.result_type(out_shape.dtype, x1.dtype).itemsize
-    check_kernel_memory(n1, n2, k, kind, itemsize)
+    if out is None:
+        check_kernel_memory(n1, n2, k, kind, itemsize)
+    else:
+        check_disk_space(out, kernel_nbytes(n1, n2, k, kind, itemsize))
     method = _choose_method(apply_fn, method)
     block = (_dense_block_fn if method == "dense" else _generic_block_fn)(apply_fn, kind)
+    devices = list(jax.devices() if devices is None else devices)
+    if not devices:
+        raise ValueError("devices must name at least one JAX device")
     if batch_size is None:
         batch_size = _auto_batch_size(apply_fn, params, x1, kind, method)
+        if out is not None:  # keep each block's output under 256 MiB: the kernel lives on disk
+            per_row = kernel_nbytes(1, n2, k, kind, itemsize)
+            batch_size = int(max(1, min(batch_size, (256 * 2**20) // per_row)))
     if batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
-    if batch_size >= max(n1, n2):
-        return block(params, x1, x2)
-
     shape = (n1, n2) + ((k, k) if kind == "entk" else ())
-    out = np.empty(shape, dtype=np.float64 if itemsize == 8 else np.float32)
-    starts1 = range(0, n1, batch_size)
-    for i in starts1:
+    dtype = np.float64 if itemsize == 8 else np.float32
+    if out is None and batch_size >= max(n1, n2):
+        return jnp.asarray(_run_block(block, params, x1, x2, devices))
+
+    if out is None:
+        result = np.empty(shape, dtype=dtype)
+    else:
+        result = np.lib.format.open_memmap(str(out), mode="w+", dtype=dtype, shape=shape)
+    for i in range(0, n1, batch_size):
         for j in range(0, n2, batch_size):
             if symmetric and j < i:
-                blk = out[j : j + batch_size, i : i + batch_size]
-                out[i : i + batch_size, j : j + batch_size] = (
+                blk = result[j : j + batch_size, i : i + batch_size]
+                result[i : i + batch_size, j : j + batch_size] = (
                     blk.transpose(1, 0, 3, 2) if kind == "entk" else blk.T
                 )
                 continue
-            out[i : i + batch_size, j : j + batch_size] = np.asarray(
-                block(params, x1[i : i + batch_size], x2[j : j + batch_size])
+            result[i : i + batch_size, j : j + batch_size] = _run_block(
+                block, params, x1[i : i + batch_size], x2[j : j + batch_size], devices
             )
-    return jnp.asarray(out)
+    if out is not None:
+        result.flush()
+        return result
+    return jnp.asarray(result)
 
 
 _DOC_ARGS = """
@@ -364,6 +428,11 @@ _DOC_ARGS = """
       batch_size: compute in blocks of this many examples (``None``: the whole set, or blocks that
         keep the generic route's Jacobians under 512 MiB).  The result does not depend on it.
       method: ``"auto"`` (dense route for MLPs, else Jacobians), ``"dense"`` or ``"jacobian"``.
+      devices: JAX devices to split each block's rows over (default: all visible devices, so a
+        multi-GPU machine computes one large kernel in parallel); the result does not change.
+      out: a path (``.npy``): write the kernel block by block into a memory-mapped file and
+        return the ``numpy.memmap``; for kernels larger than memory (the guard then checks
+        the disk instead).
 
     Raises:
       ValueError: shape mismatch, NaN/inf in the inputs or parameters.
@@ -371,32 +440,36 @@ _DOC_ARGS = """
 """
 
 
-def entk(apply_fn, params, x1, x2=None, *, batch_size=None, method="auto") -> Array:
+def entk(apply_fn, params, x1, x2=None, *, batch_size=None, method="auto", devices=None,
+         out=None) -> Array:
     """Full empirical NTK ``Theta[a, b, i, j] = <d f_i(x1_a), d f_j(x2_b)>``, shape ``(n1, n2, k, k)``."""
-    return _kernel("entk", apply_fn, params, x1, x2, batch_size, method)
+    return _kernel("entk", apply_fn, params, x1, x2, batch_size, method, devices, out)
 
 
-def pntk(apply_fn, params, x1, x2=None, *, batch_size=None, method="auto") -> Array:
+def pntk(apply_fn, params, x1, x2=None, *, batch_size=None, method="auto", devices=None,
+         out=None) -> Array:
     """Pseudo-NTK: the kernel of ``(1/sqrt(k)) sum_j f_j``, shape ``(n1, n2)``.
 
     Equals ``(1/k) sum_ij Theta_ij``
     (Eq. 2 of Mohamadi, Bae & Sutherland 2023), but is computed from one gradient per example,
     never through the full eNTK: ``k^2`` times less memory.
     """
-    return _kernel("pntk", apply_fn, params, x1, x2, batch_size, method)
+    return _kernel("pntk", apply_fn, params, x1, x2, batch_size, method, devices, out)
 
 
-def trace_ntk(apply_fn, params, x1, x2=None, *, batch_size=None, method="auto") -> Array:
+def trace_ntk(apply_fn, params, x1, x2=None, *, batch_size=None, method="auto", devices=None,
+              out=None) -> Array:
     """Trace kernel ``(1/k) sum_i Theta_ii``, shape ``(n1, n2)``.
 
     neural-tangents' default ``trace_axes=(-1,)`` returns the same (a mean, not a sum).
     """
-    return _kernel("trace", apply_fn, params, x1, x2, batch_size, method)
+    return _kernel("trace", apply_fn, params, x1, x2, batch_size, method, devices, out)
 
 
-def single_logit_ntk(apply_fn, params, x1, x2=None, *, batch_size=None, method="auto") -> Array:
+def single_logit_ntk(apply_fn, params, x1, x2=None, *, batch_size=None, method="auto", devices=None,
+                     out=None) -> Array:
     """Single-logit kernel ``Theta_11 = <d f_1(x), d f_1(x')>``, shape ``(n1, n2)``."""
-    return _kernel("single", apply_fn, params, x1, x2, batch_size, method)
+    return _kernel("single", apply_fn, params, x1, x2, batch_size, method, devices, out)
 
 
 for _fn in (entk, pntk, trace_ntk, single_logit_ntk):
