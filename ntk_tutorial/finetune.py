@@ -170,6 +170,20 @@ def _eigh(kernel: Array) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(evals, 0.0, None), evecs
 
 
+def _cv_inputs(kernel: Array, y: Array, ridges: Array):
+    """Validated eigendecomposition, targets projected on the eigenvectors, positive ridges."""
+    evals, evecs = _eigh(kernel)
+    y = np.asarray(y, np.float64)
+    y = y[:, None] if y.ndim == 1 else y
+    if y.shape[0] != evals.shape[0]:
+        raise ValueError(f"y has {y.shape[0]} rows but the kernel is {evals.shape[0]} x {evals.shape[0]}")
+    ridges = np.atleast_1d(np.asarray(ridges, np.float64))
+    if (ridges <= 0).any():
+        raise ValueError("cross-validation needs positive ridges (at ridge 0 an interpolating fit "
+                         "has GCV 0/0 and leave-one-out divides by 0)")
+    return evals, evecs, evecs.T @ y, ridges
+
+
 def gcv(kernel: Array, y: Array, ridges: Array) -> np.ndarray:
     """Generalised cross-validation of kernel ridge regression for each ridge, from one
     eigendecomposition ``K = U diag(s) U^T``:
@@ -180,16 +194,8 @@ def gcv(kernel: Array, y: Array, ridges: Array) -> np.ndarray:
     multi-output ``y`` (n, k) the squared norm sums over outputs (the square loss per example).
     Cost: ``O(n^3)`` once, then ``O(n k)`` per ridge.
     """
-    evals, evecs = _eigh(kernel)
-    y = np.asarray(y, np.float64)
-    y = y[:, None] if y.ndim == 1 else y
-    if y.shape[0] != evals.shape[0]:
-        raise ValueError(f"y has {y.shape[0]} rows but the kernel is {evals.shape[0]} x {evals.shape[0]}")
-    ridges = np.atleast_1d(np.asarray(ridges, np.float64))
-    if (ridges <= 0).any():
-        raise ValueError("GCV needs positive ridges (at ridge 0 an interpolating fit has GCV 0/0)")
+    evals, evecs, proj, ridges = _cv_inputs(kernel, y, ridges)
     n = evals.shape[0]
-    proj = evecs.T @ y  # (n, k)
     shrink = ridges[:, None] / (evals[None, :] + ridges[:, None])  # (r, n)
     resid = np.einsum("rn,nk->r", shrink**2, proj**2) / n
     dof = np.sum(evals[None, :] / (evals[None, :] + ridges[:, None]), axis=1)
@@ -203,15 +209,7 @@ def loo_cv(kernel: Array, y: Array, ridges: Array) -> np.ndarray:
     GCV is this with every leverage ``S_ii`` replaced by their mean ``tr(S)/n``; the two differ
     when leverages are uneven.  Same eigendecomposition; ``O(n^2)`` per ridge.
     """
-    evals, evecs = _eigh(kernel)
-    y = np.asarray(y, np.float64)
-    y = y[:, None] if y.ndim == 1 else y
-    if y.shape[0] != evals.shape[0]:
-        raise ValueError(f"y has {y.shape[0]} rows but the kernel is {evals.shape[0]} x {evals.shape[0]}")
-    ridges = np.atleast_1d(np.asarray(ridges, np.float64))
-    if (ridges <= 0).any():
-        raise ValueError("leave-one-out needs positive ridges")
-    proj = evecs.T @ y
+    evals, evecs, proj, ridges = _cv_inputs(kernel, y, ridges)
     out = []
     for lam in ridges:
         resid = evecs @ (proj * (lam / (evals + lam))[:, None])  # (I - S) y
