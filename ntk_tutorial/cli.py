@@ -214,6 +214,109 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+# --- active learning (issue 5): ntk-tutorial al / al-plot --------------------------------------
+
+
+def cmd_al(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from .active import run as al
+
+    try:
+        seeds = al.parse_seeds(args.seeds)
+    except ValueError as err:
+        raise SystemExit(f"ntk-tutorial al: --seeds: {err}")
+    overrides = {k: getattr(args, k) for k in (
+        "dataset", "init", "query", "subset", "cycles", "model", "loss", "kernel", "lr", "epochs",
+        "mode", "step", "retrain_every", "dropout", "ridge", "normalize")}
+    if args.hidden:
+        overrides["hidden"] = tuple(int(h) for h in args.hidden.split(","))
+    if args.config:
+        import json
+
+        overrides = {**json.loads(Path(args.config).read_text()), **{k: v for k, v in overrides.items() if v is not None}}
+        overrides.pop("strategy", None)
+        overrides.pop("seed", None)
+    try:
+        configs = [al.config_from_preset(args.preset, **overrides, strategy=s, seed=k)
+                   for s in dict.fromkeys(args.strategy) for k in dict.fromkeys(seeds)]
+    except ValueError as err:
+        raise SystemExit(f"ntk-tutorial al: {err}")
+    total = sum(c.cycles for c in configs)
+    bar = None
+    try:
+        done = {(c.strategy, c.seed): len(al.read_results(al.results_path(args.out, c.strategy, c.seed), c))
+                for c in configs}
+        bar = tqdm(total=total, initial=sum(min(v, c.cycles) for v, c in zip(done.values(), configs)),
+                   desc="al (strategy, seed, cycle)", unit="cycle", file=sys.stdout)
+        _al_loop(al, configs, args, bar, done)
+    except (al.ResultsError, NotImplementedError, RuntimeError, ValueError) as err:
+        raise SystemExit(f"ntk-tutorial al: {err}")
+    finally:
+        if bar is not None:
+            bar.close()
+    print(f"results: {Path(args.out).resolve()}  (plot with: ntk-tutorial al-plot {args.out})")
+    return 0
+
+
+def _al_loop(al, configs, args, bar, done) -> None:
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    import multiprocessing
+
+    if args.jobs <= 1:
+        for c in configs:
+            bar.set_postfix_str(f"{c.strategy} seed {c.seed}")
+            al.run_experiment(c, args.out, progress=lambda rec: bar.update(1))
+    else:
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as pool:
+            futures = {pool.submit(al._run_one, c.to_dict(), str(args.out)): c for c in configs}
+            for fut in as_completed(futures):
+                c = futures[fut]
+                n = fut.result()
+                bar.update(max(0, n - min(done[(c.strategy, c.seed)], c.cycles)))
+                bar.set_postfix_str(f"done {c.strategy} seed {c.seed}")
+
+
+def cmd_al_plot(args: argparse.Namespace) -> int:
+    from .active.plot import format_table, plot_curves
+
+    png, rows = plot_curves(args.results, args.output)
+    print(format_table(rows))
+    print(f"figure: {png}")
+    return 0
+
+
+def add_al_parsers(sub) -> None:
+    """The ``al`` and ``al-plot`` subcommands (issue 5)."""
+    from .active.run import MODES, PRESETS
+    from .active.strategies import KERNELS, STRATEGIES
+
+    al = sub.add_parser("al", help="active-learning experiments (resumable; results as JSON lines)")
+    al.add_argument("--preset", choices=list(PRESETS), help="protocol (cpu-digits, cpu-mnist-5k, mnist, ...)")
+    al.add_argument("--config", help="JSON file of configuration fields (command-line options win)")
+    al.add_argument("--strategy", nargs="+", default=["random"], choices=list(STRATEGIES))
+    al.add_argument("--seeds", default="0", help="e.g. 0-5 or 0,2,4 (default 0)")
+    al.add_argument("--out", default="results/al", help="results folder (default results/al)")
+    al.add_argument("--jobs", type=int, default=1, help="(strategy, seed) pairs run in parallel processes")
+    al.add_argument("--mode", choices=list(MODES))
+    al.add_argument("--kernel", choices=list(KERNELS))
+    al.add_argument("--dataset")
+    al.add_argument("--model")
+    al.add_argument("--hidden", help="hidden widths of the MLP, e.g. 256,256")
+    al.add_argument("--loss", choices=["mse", "xent"])
+    al.add_argument("--normalize", choices=["standardize", "unit-norm", "none"])
+    for name, typ in (("init", int), ("query", int), ("subset", int), ("cycles", int), ("lr", float),
+                      ("epochs", int), ("step", int), ("retrain-every", int), ("dropout", float),
+                      ("ridge", float)):
+        al.add_argument(f"--{name}", type=typ)
+    al.set_defaults(func=cmd_al)
+    alp = sub.add_parser("al-plot", help="accuracy vs labels of an al results folder, with an AUC table")
+    alp.add_argument("results", help="folder of *.jsonl results")
+    alp.add_argument("--output", help="PNG path (default RESULTS/al_curves.png)")
+    alp.set_defaults(func=cmd_al_plot)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ntk-tutorial", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -234,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     dat.set_defaults(func=cmd_data)
     info = sub.add_parser("info", help="package versions and JAX devices")
     info.set_defaults(func=cmd_info)
+    add_al_parsers(sub)
     return parser
 
 

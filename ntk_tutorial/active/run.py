@@ -1,0 +1,438 @@
+"""The active-learning experiment runner: one (strategy, seed) at a time, resumable.
+
+``run_experiment(config, out_dir)`` runs ``config.cycles`` cycles of
+
+1. train the network on the labelled set (warm start from the previous cycle; square loss on
+   one-hot labels by default, as the paper, ``loss="xent"`` as an option),
+2. evaluate test accuracy,
+3. score a random subset S of ``config.subset`` unlabelled points and query ``config.query`` of
+   them, in one of three modes:
+
+   * ``"batch"``: the strategy's top-b (or its own batch rule: BADGE, coreset, random);
+   * ``"sequential"``: labels added one at a time through the retraining proxy
+     (:func:`lookahead.sequential_update`), the network retrained by SGD every
+     ``retrain_every`` labels (the paper's "sequential querying"; look-ahead strategies only);
+   * ``"hybrid"``: the same with ``step`` labels per proxy update (top-``step``).
+
+Every cycle appends one JSON line to ``out_dir/<strategy>_seed<k>.jsonl`` (full configuration,
+seed, labelled indices, queried indices, accuracy, timings, package versions) and saves the
+trained parameters of the cycle beside it (``<strategy>_seed<k>.cycleNNN.npz``).  Running again
+resumes after the last complete cycle: the labelled set and the warm-start parameters are
+restored, every random choice is derived from ``(seed, cycle)``, so an interrupted run continues
+exactly as an uninterrupted one would have.  A corrupt file or a different configuration raises
+:class:`ResultsError` saying what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .. import lookahead
+from . import strategies as _s
+
+MODES = ("batch", "sequential", "hybrid")
+# configuration fields that may differ between runs appending to the same file
+NOT_COMPARED = ("cycles",)
+
+
+class ResultsError(RuntimeError):
+    """A results file that cannot be resumed (corrupt, or written with another configuration)."""
+
+
+@dataclass(frozen=True)
+class ALConfig:
+    """One active-learning experiment (a strategy and a seed); see the module docstring.
+
+    ``data_seed`` fixes the train/test split (the same for every seed); ``seed`` draws the
+    initial labelled set, the initial network, the candidate subsets and SGD's shuffling.
+    """
+
+    dataset: str = "digits"
+    strategy: str = "random"
+    seed: int = 0
+    init: int = 20
+    query: int = 10
+    subset: int = 300
+    cycles: int = 5
+    model: str = "mlp"
+    hidden: tuple = (256,)
+    dropout: float = 0.0
+    loss: str = "mse"
+    lr: float = 0.5
+    epochs: int = 100
+    batch_size: int | None = None
+    momentum: float = 0.0
+    kernel: str = "pntk"
+    ridge: float = 0.0
+    mc_samples: int = 20
+    mode: str = "batch"
+    step: int = 1
+    retrain_every: int = 0
+    data_seed: int = 0
+    n_train: int | None = None
+    n_test: int | None = None
+    normalize: str | None = None  # data.load's normalize= (None: the loader's default)
+
+    def __post_init__(self):
+        object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        _s.get(self.strategy)
+        if self.mode != "batch" and self.strategy not in _s.LOOKAHEAD:
+            raise ValueError(
+                f"mode={self.mode!r} adds labels through the retraining proxy: it needs a "
+                f"look-ahead strategy ({', '.join(_s.LOOKAHEAD)}), not {self.strategy!r}; "
+                "use mode='batch' for the others")
+        if self.strategy == "bald" and not self.dropout > 0:
+            raise ValueError("strategy 'bald' samples dropout masks (MC dropout): set dropout > 0, "
+                             "e.g. --dropout 0.2 (the network is then trained with dropout too)")
+        if self.kernel not in _s.KERNELS:
+            raise ValueError(f"kernel must be one of {sorted(_s.KERNELS)}, got {self.kernel!r}")
+        for name in ("init", "query", "subset", "cycles", "step"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.query > self.subset:
+            raise ValueError(f"query ({self.query}) must not exceed subset ({self.subset})")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["hidden"] = list(self.hidden)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ALConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown configuration keys {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**d)
+
+
+# Paper protocols (Mohamadi, Bae & Sutherland 2022, Sec. 5) and two CPU-sized ones.
+PRESETS: dict[str, dict] = {
+    # digits: raw pixels / 16 ("standardize" blows up near-constant border pixels of test images)
+    "cpu-digits": dict(dataset="digits", init=20, query=10, subset=300, cycles=5, hidden=(256,),
+                       lr=2.0, epochs=200, normalize="none"),
+    "cpu-mnist-5k": dict(dataset="mnist-5k", init=100, query=20, subset=1000, cycles=10,
+                         hidden=(512, 512), lr=0.5, epochs=100),
+    "mnist": dict(dataset="mnist", init=100, query=20, subset=4000, cycles=10, model="mlp",
+                  hidden=(512, 512), lr=0.5, epochs=100),
+    "svhn": dict(dataset="svhn", init=1000, query=1000, subset=6000, cycles=10, model="wrn-1block",
+                 lr=0.1, epochs=50, batch_size=128, momentum=0.9),
+    "cifar10": dict(dataset="cifar10", init=1000, query=1000, subset=6000, cycles=10,
+                    model="wrn-2block", lr=0.1, epochs=50, batch_size=128, momentum=0.9),
+    "cifar100": dict(dataset="cifar100", init=10000, query=1000, subset=6000, cycles=10,
+                     model="resnet18", lr=0.1, epochs=50, batch_size=128, momentum=0.9),
+}
+MODELS = ("mlp",)  # wrn-1block, wrn-2block, resnet18: issue 8
+
+
+def config_from_preset(preset: str | None = None, **overrides) -> ALConfig:
+    """An :class:`ALConfig` from a preset name and keyword overrides (``None`` values ignored)."""
+    base: dict = {}
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        base = dict(PRESETS[preset])
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    return ALConfig.from_dict(base)
+
+
+def results_path(out_dir: str | os.PathLike, strategy: str, seed: int) -> Path:
+    return Path(out_dir) / f"{strategy}_seed{seed}.jsonl"
+
+
+def _params_path(jsonl: Path, cycle: int) -> Path:
+    return jsonl.with_name(f"{jsonl.stem}.cycle{cycle:03d}.npz")
+
+
+# ---------------------------------------------------------------------------------------------
+# model and data
+# ---------------------------------------------------------------------------------------------
+
+
+def build_model(config: ALConfig, in_dim: int, num_classes: int):
+    """``(apply_fn, params)`` of the configured model, initialised from ``config.seed``."""
+    if config.model != "mlp":
+        raise NotImplementedError(
+            f"model {config.model!r} needs issue 8's models/data (wide ResNets, ResNet18), which are "
+            f"not in ntk_tutorial yet; available models: {', '.join(MODELS)}. The preset keeps the "
+            "paper's numbers (init/query/subset) so it runs once they land")
+    from flax import nnx
+
+    from ..models import MLP, functional
+
+    key = jax.random.fold_in(jax.random.key(config.seed), 1)
+    model = MLP((in_dim, *config.hidden, num_classes), dropout=config.dropout,
+                rngs=nnx.Rngs(params=key))
+    return functional(model)
+
+
+def load_data(config: ALConfig):
+    from .. import data
+
+    options = {k: v for k, v in (("n_train", config.n_train), ("n_test", config.n_test),
+                                 ("normalize", config.normalize)) if v is not None}
+    try:
+        return data.load(config.dataset, seed=config.data_seed, **options)
+    except Exception as err:  # remote sets need a download first
+        if config.dataset in data.OFFLINE:
+            raise
+        raise RuntimeError(
+            f"data set {config.dataset!r} could not be loaded ({err}); fetch it first with "
+            f"`ntk-tutorial data fetch {config.dataset}` (paper-scale presets also need issue 8's "
+            "models/data)") from err
+
+
+def _save_params(path: Path, params: Any) -> None:
+    leaves = [np.asarray(x) for x in jax.tree.leaves(params)]
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, *leaves)
+    os.replace(tmp, path)
+
+
+def _load_params(path: Path, template: Any) -> Any:
+    leaves, treedef = jax.tree.flatten(template)
+    with np.load(path) as z:
+        stored = [z[f"arr_{i}"] for i in range(len(z.files))]
+    if len(stored) != len(leaves) or any(a.shape != b.shape for a, b in zip(stored, leaves)):
+        raise ResultsError(f"{path} does not hold parameters of this model; delete it and the "
+                           ".jsonl beside it to start the run again")
+    return jax.tree.unflatten(treedef, [jnp.asarray(a, dtype=b.dtype) for a, b in zip(stored, leaves)])
+
+
+# ---------------------------------------------------------------------------------------------
+# resume
+# ---------------------------------------------------------------------------------------------
+
+
+def _comparable(cfg: dict) -> dict:
+    return {k: v for k, v in cfg.items() if k not in NOT_COMPARED}
+
+
+def read_results(path: str | os.PathLike, config: ALConfig | None = None, *,
+                 repair: bool = False) -> list[dict]:
+    """The complete cycle records of a results file, checked.
+
+    A last line without its newline (a run killed while writing) is dropped, and with
+    ``repair=True`` cut from the file.  Raises :class:`ResultsError` for a corrupt line, cycles out
+    of order, or (when ``config`` is given) records written with another configuration.
+    """
+    path = Path(path)
+    if not path.exists():
+        return []
+    raw = path.read_bytes()
+    records, offset = [], 0
+    lines = raw.split(b"\n")
+    for i, line in enumerate(lines):
+        last = i == len(lines) - 1
+        if last and line.strip():
+            # no trailing newline: an interrupted write
+            if repair:
+                with open(path, "r+b") as fh:
+                    fh.truncate(offset)
+            break
+        offset += len(line) + 1
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            if not isinstance(rec, dict) or "cycle" not in rec or "config" not in rec:
+                raise ValueError("not a cycle record")
+        except ValueError as err:
+            raise ResultsError(
+                f"{path}, line {i + 1}, is corrupt ({err}): {line[:80]!r}. The file cannot be "
+                f"resumed; delete it (and {path.stem}.cycle*.npz beside it) to rerun from scratch, "
+                "or remove that line and every later one to resume before it") from None
+        if rec["cycle"] != len(records):
+            raise ResultsError(f"{path}, line {i + 1}: cycle {rec['cycle']} where cycle {len(records)} "
+                               "was expected; the file was edited or written twice. Delete it to rerun")
+        if config is not None and _comparable(rec["config"]) != _comparable(config.to_dict()):
+            diff = sorted(k for k in set(rec["config"]) | set(config.to_dict())
+                          if k not in NOT_COMPARED and rec["config"].get(k) != config.to_dict().get(k))
+            details = ", ".join(f"{k}: file {rec['config'].get(k)!r} vs now {config.to_dict().get(k)!r}"
+                                for k in diff)
+            raise ResultsError(
+                f"{path} was written with another configuration ({details}). Use another --out "
+                "folder, rerun with the file's settings, or delete the file to start again")
+        records.append(rec)
+    return records
+
+
+# ---------------------------------------------------------------------------------------------
+# one experiment
+# ---------------------------------------------------------------------------------------------
+
+
+def _train(apply_fn, params, x, y, config: ALConfig, key):
+    from ..train import train
+
+    stochastic = config.batch_size is not None or config.dropout > 0
+    res = train(apply_fn, params, x, y, lr=config.lr, epochs=config.epochs, loss=config.loss,
+                batch_size=config.batch_size, momentum=config.momentum,
+                dropout=config.dropout > 0, key=key if stochastic else None)
+    return res.params
+
+
+def _sequential_query(apply_fn, params, config, ds, labelled, cand, key):
+    """Add ``config.query`` labels through the proxy, ``step`` at a time; retrain every
+    ``retrain_every`` labels.  Returns ``(queried train indices, params)``."""
+    k = ds.num_classes
+    kern = _s.KERNELS[config.kernel]
+    eye = np.eye(k)
+    queried: list[int] = []
+    remaining = list(cand)
+    n_retrain = 0
+    while len(queried) < config.query:
+        lab = np.asarray(list(labelled) + queried)
+        rem = np.asarray(remaining)
+        x_all = jnp.asarray(np.concatenate([ds.x_train[lab], ds.x_train[rem]]))
+        k_all = np.asarray(kern(apply_fn, params, x_all), np.float64)
+        f_all = np.asarray(jax.jit(apply_fn)(params, x_all), np.float64)
+        n = len(lab)
+        pos_l = list(range(n))
+        proxy = lookahead.fit_proxy(k_all[:n][:, :n], eye[ds.y_train[lab]], f_all[:n], ridge=config.ridge)
+        pool = list(range(n, len(lab) + len(rem)))
+        block = config.query - len(queried)
+        if config.retrain_every:
+            block = min(block, config.retrain_every - len(queried) % config.retrain_every)
+        added = 0
+        while added < block:
+            s = min(config.step, block - added)
+            p = np.asarray(pool)
+            scores = _s.proxy_scores(proxy, k_all[p][:, pos_l], k_all[p][:, p], f_all[p],
+                                     _s.LOOKAHEAD[config.strategy])
+            pick = p[_s.top_b(scores, s, jax.random.fold_in(key, len(queried) + added))]
+            yn = eye[ds.y_train[np.concatenate([lab, rem])[pick]]]
+            proxy = lookahead.sequential_update(proxy, k_all[pick][:, pos_l], k_all[pick][:, pick], yn,
+                                                f_all[pick])
+            pos_l += [int(i) for i in pick]
+            pool = [i for i in pool if i not in set(pick.tolist())]
+            added += s
+        new = [int(np.concatenate([lab, rem])[i]) for i in pos_l[n:]]
+        queried += new
+        remaining = [i for i in remaining if i not in set(new)]
+        if len(queried) < config.query:  # SGD retraining every retrain_every labels
+            lab2 = np.asarray(list(labelled) + queried)
+            params = _train(apply_fn, params, ds.x_train[lab2], ds.y_train[lab2], config,
+                            jax.random.fold_in(key, 10_000 + n_retrain))
+            n_retrain += 1
+    return np.asarray(queried, np.int64), params
+
+
+def run_experiment(config: ALConfig | dict, out_dir: str | os.PathLike, *,
+                   progress: Callable[[dict], None] | None = None) -> list[dict]:
+    """Run (or resume) one experiment; returns every cycle's record (old and new).
+
+    ``progress(record)`` is called after each new cycle.
+    """
+    from ..plotting import versions
+
+    if isinstance(config, dict):
+        config = ALConfig.from_dict(config)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = results_path(out_dir, config.strategy, config.seed)
+    records = read_results(path, config, repair=True)
+    if len(records) >= config.cycles:
+        return records
+
+    if config.model not in MODELS:
+        build_model(config, 1, 1)  # raises: the model is not there yet (issue 8)
+    ds = load_data(config)
+    n_pool = len(ds.x_train)
+    if config.init > n_pool:
+        raise ValueError(f"init ({config.init}) exceeds the {n_pool} training points")
+    apply_fn, params = build_model(config, int(np.prod(ds.x_train.shape[1:])), ds.num_classes)
+    base_key = jax.random.key(config.seed)
+    if records:
+        last = records[-1]
+        labelled = [int(i) for i in last["labelled"]] + [int(i) for i in last["queried"]]
+        ppath = _params_path(path, last["cycle"])
+        if not ppath.exists():
+            raise ResultsError(f"{ppath} (the warm-start parameters of cycle {last['cycle']}) is missing; "
+                               f"delete {path} to rerun from scratch")
+        params = _load_params(ppath, params)
+    else:
+        rng = np.random.default_rng([config.seed, 0xA1])
+        labelled = [int(i) for i in rng.choice(n_pool, config.init, replace=False)]
+    vers = versions()
+    for cycle in range(len(records), config.cycles):
+        t0 = time.perf_counter()
+        ckey = jax.random.fold_in(base_key, cycle)
+        lab = np.asarray(labelled, np.int64)
+        params = _train(apply_fn, params, ds.x_train[lab], ds.y_train[lab], config,
+                        jax.random.fold_in(ckey, 0))
+        jax.block_until_ready(params)
+        t1 = time.perf_counter()
+        from ..train import accuracy
+
+        acc = accuracy(apply_fn, params, ds.x_test, ds.y_test)
+        t2 = time.perf_counter()
+        unl = np.setdiff1d(np.arange(n_pool), lab)
+        rng = np.random.default_rng([config.seed, cycle, 0x5B])
+        cand = np.sort(rng.choice(unl, min(config.subset, len(unl)), replace=False))
+        budget = min(config.query, len(cand))
+        save_params = params
+        if config.mode == "batch":
+            ctx = _s.Context(apply_fn, params, ds.x_train[lab], ds.y_train[lab], ds.x_train[cand],
+                             ds.num_classes, kernel=config.kernel, ridge=config.ridge,
+                             mc_samples=config.mc_samples)
+            queried = cand[_s.select(config.strategy, ctx, budget, jax.random.fold_in(ckey, 1))]
+        else:
+            step_cfg = replace(config, step=1) if config.mode == "sequential" else config
+            queried, params = _sequential_query(apply_fn, params, step_cfg, ds, lab, cand,
+                                                jax.random.fold_in(ckey, 1))
+        t3 = time.perf_counter()
+        rec = {
+            "cycle": cycle,
+            "strategy": config.strategy,
+            "seed": config.seed,
+            "n_labelled": int(len(lab)),
+            "accuracy": float(acc),
+            "labelled": [int(i) for i in lab],
+            "queried": [int(i) for i in queried],
+            "timings": {"train_s": t1 - t0, "evaluate_s": t2 - t1, "query_s": t3 - t2, "total_s": t3 - t0},
+            "config": config.to_dict(),
+            "versions": vers,
+        }
+        # parameters first, then the line: a line on disk always has its parameters
+        # (in sequential mode with retraining, the warm start is the last retrained network)
+        _save_params(_params_path(path, cycle), params if config.mode != "batch" else save_params)
+        with open(path, "a") as fh:
+            fh.write(json.dumps(rec) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        records.append(rec)
+        labelled = labelled + [int(i) for i in queried]
+        if progress is not None:
+            progress(rec)
+    return records
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"0-2"`` -> ``[0, 1, 2]``; ``"0,3,5"``; ``"4"``."""
+    out: list[int] = []
+    for part in str(text).split(","):
+        part = part.strip()
+        if "-" in part[1:]:
+            a, b = part.split("-", 1)
+            out.extend(range(int(a), int(b) + 1))
+        elif part:
+            out.append(int(part))
+    if not out:
+        raise ValueError(f"no seeds in {text!r}")
+    return out
+
+
+def _run_one(config_dict: dict, out_dir: str) -> int:  # for worker processes
+    return len(run_experiment(ALConfig.from_dict(config_dict), out_dir))

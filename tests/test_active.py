@@ -1,0 +1,243 @@
+"""Active learning (issue 5): strategies, the resumable runner, the al / al-plot commands."""
+
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from ntk_tutorial import data, lookahead, models, train
+from ntk_tutorial.active import run as R
+from ntk_tutorial.active import strategies as S
+
+# ---------------------------------------------------------------------------------------------
+# fixtures
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return data.load("digits", seed=0)
+
+
+@pytest.fixture(scope="module")
+def trained(digits):
+    """A small float64 MLP with dropout trained on 30 labels; a pool of 60 candidates."""
+    model = models.MLP((64, 48, 10), dropout=0.2, param_dtype=jnp.float64,
+                       rngs=nnx.Rngs(params=jax.random.key(0)))
+    apply_fn, params = models.functional(model)
+    x_l, y_l = digits.x_train[:30].astype(np.float64), digits.y_train[:30]
+    params = train.train(apply_fn, params, x_l, y_l, lr=1.0, epochs=60, loss="mse").params
+    return apply_fn, params, x_l, y_l, digits.x_train[100:160].astype(np.float64)
+
+
+def make_ctx(trained, kernel="pntk"):
+    apply_fn, params, x_l, y_l, x_p = trained
+    return S.Context(apply_fn, params, x_l, y_l, x_p, 10, kernel=kernel, mc_samples=8)
+
+
+# ---------------------------------------------------------------------------------------------
+# strategies
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(S.STRATEGIES))
+def test_strategy_returns_distinct_valid_indices_deterministically(trained, name):
+    ctx = make_ctx(trained)
+    a = S.select(name, ctx, 7, jax.random.key(3))
+    b = S.STRATEGIES[name](make_ctx(trained), 7, jax.random.key(3))
+    assert a.shape == (7,) and len(set(a.tolist())) == 7
+    assert a.min() >= 0 and a.max() < len(ctx.x_pool)
+    np.testing.assert_array_equal(a, b)
+    assert S.STRATEGIES[name](ctx, 0, jax.random.key(3)).shape == (0,)
+
+
+def test_registry_lists_every_strategy_of_the_issue():
+    assert set(S.STRATEGIES) == {"random", "entropy", "margin", "bald", "badge", "coreset", "mlmoc",
+                                 "mlmoc-flips", "emoc"}
+    with pytest.raises(ValueError, match="unknown strategy"):
+        S.get("nope")
+
+
+def test_entropy_and_margin_against_hand_computed_numbers():
+    logits = np.array([[0.0, 0.0, 0.0], [2.0, 0.0, 0.0], [1.0, 1.0, 0.0], [5.0, 0.0, 0.0]])
+    ctx = S.Context(None, None, np.zeros((0, 1)), np.zeros(0, int), np.zeros((4, 1)), 3,
+                    logits=logits, labelled_logits=np.zeros((0, 3)))
+    # p = (1/3,1/3,1/3): log 3; (e^2, 1, 1)/(e^2+2); (e, e, 1)/(2e+1)
+    np.testing.assert_allclose(S.entropy_scores(ctx)[:3], [1.0986123, 0.6655727, 1.0173572], rtol=1e-6)
+    np.testing.assert_allclose(-S.margin_scores(ctx)[:3], [0.0, 0.6804791, 0.0], atol=1e-6)
+    np.testing.assert_array_equal(S.STRATEGIES["entropy"](ctx, 3, 0), [0, 2, 1])
+    assert set(S.STRATEGIES["margin"](ctx, 2, 0).tolist()) == {0, 2}
+    assert S.STRATEGIES["margin"](ctx, 4, 0)[-1] == 3
+
+
+def test_k_center_greedy_matches_brute_force():
+    rng = np.random.default_rng(0)
+    pool, centres = rng.normal(size=(15, 3)), rng.normal(size=(2, 3))
+    got = S.k_center_greedy(pool, centres, 6)
+    chosen, cs = [], [c for c in centres]
+    for _ in range(6):
+        best, best_d = None, -1.0
+        for i, p in enumerate(pool):
+            if i in chosen:
+                continue
+            d = min(float(np.sum((p - c) ** 2)) for c in cs)
+            if d > best_d:
+                best, best_d = i, d
+        chosen.append(best)
+        cs.append(pool[best])
+    np.testing.assert_array_equal(got, chosen)
+
+
+def test_kmeans_pp_seeding_starts_at_largest_norm_and_is_deterministic():
+    emb = np.random.default_rng(1).normal(size=(20, 4))
+    a = S.kmeans_pp_seeding(emb, 5, jax.random.key(0))
+    assert a[0] == np.argmax((emb**2).sum(1)) and len(set(a.tolist())) == 5
+    np.testing.assert_array_equal(a, S.kmeans_pp_seeding(emb, 5, jax.random.key(0)))
+
+
+def test_bald_is_zero_without_dropout_and_positive_with_it(trained):
+    apply_fn, params, x_l, y_l, x_p = trained
+    ctx = make_ctx(trained)
+    assert np.all(S.bald_scores(ctx, jax.random.key(0)) >= -1e-12)
+    assert np.max(S.bald_scores(ctx, jax.random.key(0))) > 0
+
+
+@pytest.mark.parametrize("kernel", ["pntk", "entk"])
+def test_mlmoc_scores_match_direct_lookahead_reference(trained, kernel):
+    apply_fn, params, x_l, y_l, x_p = trained
+    ctx = make_ctx(trained, kernel)
+    l2, flips = S.mlmoc_scores(ctx, "l2"), S.mlmoc_scores(ctx, "flips")
+    emoc = S.emoc_scores(ctx) if kernel == "pntk" else None  # the eNTK's EMOC is slow on 2 cores
+    kern = S.KERNELS[kernel]
+    x_all = jnp.asarray(np.concatenate([x_l, x_p]))
+    k_all = np.asarray(kern(apply_fn, params, x_all), np.float64)
+    n = len(x_l)
+    k_ll, k_sl, k_ss = k_all[:n, :n], k_all[n:, :n], k_all[n:, n:]
+    f_l, f_s = np.asarray(apply_fn(params, x_l)), np.asarray(apply_fn(params, x_p))
+    y_onehot = np.eye(10)[y_l]
+    f_lin = lookahead.kernel_regression(k_ll, y_onehot, k_sl, f_train=f_l, f_test=f_s)
+    probs = S.softmax(f_s)
+    for j in ((0, 5, 17, 42) if kernel == "pntk" else (3, 42)):
+        def after(label):
+            return lookahead.lookahead_predictions(k_ll, y_onehot, k_sl[j], k_ss[j, j], label, k_sl,
+                                                   k_ss[:, j], f_train=f_l, f_cand=f_s[j], f_test=f_s)
+        f_plus = after(np.eye(10)[np.argmax(f_s[j])])
+        np.testing.assert_allclose(l2[j], np.linalg.norm(f_plus - f_lin, axis=1).sum(), rtol=1e-6)
+        assert flips[j] == np.sum(np.argmax(f_plus, 1) != np.argmax(f_lin, 1))
+        if emoc is None:
+            continue
+        ref = sum(probs[j, c] * np.linalg.norm(after(np.eye(10)[c]) - f_lin, axis=1).sum() for c in range(10))
+        np.testing.assert_allclose(emoc[j], ref, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# runner
+# ---------------------------------------------------------------------------------------------
+
+TINY = dict(dataset="digits", init=10, query=5, subset=40, hidden=(32,), epochs=20, lr=0.3)
+
+
+def _strip(line: str) -> dict:
+    rec = json.loads(line)
+    rec.pop("timings")
+    rec["config"].pop("cycles")
+    return rec
+
+
+def test_resume_after_interruption_equals_uninterrupted_run(tmp_path):
+    cfg = R.config_from_preset(None, **TINY, strategy="mlmoc", cycles=2)
+    R.run_experiment(cfg, tmp_path / "a")
+    path = R.results_path(tmp_path / "a", "mlmoc", 0)
+    with open(path, "a") as fh:  # killed while writing the next line
+        fh.write('{"cycle": 2, "strat')
+    R.run_experiment(R.replace(cfg, cycles=4), tmp_path / "a")
+    R.run_experiment(R.replace(cfg, cycles=4), tmp_path / "b")
+    lines_a = path.read_text().splitlines()
+    lines_b = R.results_path(tmp_path / "b", "mlmoc", 0).read_text().splitlines()
+    assert len(lines_a) == 4
+    assert [_strip(x) for x in lines_a] == [_strip(x) for x in lines_b]
+    # running again adds nothing
+    assert len(R.run_experiment(R.replace(cfg, cycles=4), tmp_path / "a")) == 4
+    assert len(path.read_text().splitlines()) == 4
+    recs = R.read_results(path)
+    assert [r["n_labelled"] for r in recs] == [10, 15, 20, 25]
+    for r in recs:
+        assert not set(r["queried"]) & set(r["labelled"]) and len(set(r["queried"])) == 5
+        assert {"config", "seed", "accuracy", "timings", "versions"} <= set(r)
+
+
+def test_corrupt_file_and_config_mismatch_are_detected(tmp_path):
+    cfg = R.config_from_preset(None, **TINY, strategy="random", cycles=2)
+    R.run_experiment(cfg, tmp_path)
+    path = R.results_path(tmp_path, "random", 0)
+    with pytest.raises(R.ResultsError, match="another configuration.*lr"):
+        R.run_experiment(R.replace(cfg, lr=0.5), tmp_path)
+    lines = path.read_text().splitlines()
+    path.write_text(lines[0] + "\nnot json\n" + lines[1] + "\n")
+    with pytest.raises(R.ResultsError, match="corrupt.*delete"):
+        R.run_experiment(cfg, tmp_path)
+    path.write_text(lines[1] + "\n")
+    with pytest.raises(R.ResultsError, match="cycle 1 where cycle 0"):
+        R.read_results(path)
+
+
+def test_sequential_and_hybrid_modes(tmp_path):
+    for mode in ("sequential", "hybrid"):
+        cfg = R.config_from_preset(None, **TINY, strategy="mlmoc", cycles=2, mode=mode, step=2,
+                                   retrain_every=3)
+        recs = R.run_experiment(cfg, tmp_path / mode)
+        assert [r["n_labelled"] for r in recs] == [10, 15]
+        for r in recs:
+            assert len(set(r["queried"])) == 5 and not set(r["queried"]) & set(r["labelled"])
+    with pytest.raises(ValueError, match="look-ahead strategy"):
+        R.config_from_preset(None, **TINY, strategy="entropy", mode="sequential")
+
+
+def test_presets_keep_paper_numbers_and_say_what_is_missing():
+    assert {"cpu-digits", "cpu-mnist-5k", "mnist", "svhn", "cifar10", "cifar100"} <= set(R.PRESETS)
+    got = {p: (R.PRESETS[p]["init"], R.PRESETS[p]["query"], R.PRESETS[p]["subset"])
+           for p in ("mnist", "svhn", "cifar10", "cifar100")}
+    assert got == {"mnist": (100, 20, 4000), "svhn": (1000, 1000, 6000),
+                   "cifar10": (1000, 1000, 6000), "cifar100": (10000, 1000, 6000)}
+    with pytest.raises(NotImplementedError, match="issue 8"):
+        R.build_model(R.config_from_preset("cifar10"), 3072, 10)
+    assert R.parse_seeds("0-2") == [0, 1, 2] and R.parse_seeds("1,4") == [1, 4]
+    with pytest.raises(ValueError, match="dropout"):
+        R.config_from_preset("cpu-digits", strategy="bald")
+
+
+def test_cli_al_paper_preset_says_it_needs_issue_8(tmp_path):
+    from ntk_tutorial import cli
+
+    with pytest.raises(SystemExit, match="issue 8"):
+        cli.main(["al", "--preset", "cifar10", "--out", str(tmp_path)])
+
+
+def test_runner_with_cross_entropy_dropout_and_feature_strategies(tmp_path):
+    for strategy in ("bald", "badge", "coreset"):
+        cfg = R.config_from_preset(None, **TINY, strategy=strategy, cycles=2, loss="xent", dropout=0.2)
+        recs = R.run_experiment(cfg, tmp_path)
+        assert [r["n_labelled"] for r in recs] == [10, 15] and 0 < recs[-1]["accuracy"] <= 1
+        assert len(set(recs[0]["queried"])) == 5
+
+
+def test_cli_al_and_al_plot(tmp_path):
+    out = tmp_path / "al"
+    base = [sys.executable, "-m", "ntk_tutorial.cli"]
+    cmd = base + ["al", "--preset", "cpu-digits", "--strategy", "mlmoc", "random", "--seeds", "0-1",
+                  "--cycles", "2", "--init", "10", "--query", "5", "--subset", "40", "--hidden", "32",
+                  "--epochs", "20", "--jobs", "2", "--out", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert sorted(p.name for p in out.glob("*.jsonl")) == [
+        "mlmoc_seed0.jsonl", "mlmoc_seed1.jsonl", "random_seed0.jsonl", "random_seed1.jsonl"]
+    assert all(len(p.read_text().splitlines()) == 2 for p in out.glob("*.jsonl"))
+    res = subprocess.run(base + ["al-plot", str(out)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "mlmoc" in res.stdout and "random" in res.stdout and "AUC" in res.stdout
+    assert (out / "al_curves.png").stat().st_size > 1000
