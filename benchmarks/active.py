@@ -56,7 +56,6 @@ def main() -> None:
     from ntk_tutorial.active import run as al
     from ntk_tutorial.active import strategies as st
     from ntk_tutorial.plotting import versions
-    from ntk_tutorial.train import train
 
     threadpool_limits(args.blas_threads, user_api="blas")
     names = args.strategies or list(st.STRATEGIES)

@@ -18,11 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
-from pathlib import Path
+
+from common import RESULTS, write_json
 
 WIDTHS = (784, 512, 512, 10)
 CASES = [  # (kernel, method, n)
@@ -96,7 +96,6 @@ def measure_one(kind: str, method: str, n: int, repeat: int) -> dict:
 def matmul_reference(repeat: int) -> dict:
     """GFLOP/s of a plain float32 jnp.dot shaped like the eNTK's main product at n = 1000."""
     import jax
-    import jax.numpy as jnp
 
     a = jax.random.normal(jax.random.key(0), (10_000, 512))
     f = jax.jit(lambda a: a @ a.T)
@@ -119,7 +118,7 @@ def run_child(args: list[str]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "kernels.json"))
+    parser.add_argument("--out", default=str(RESULTS / "kernels.json"))
     parser.add_argument("--child", nargs=3, metavar=("KIND", "METHOD", "N"), help=argparse.SUPPRESS)
     parser.add_argument("--matmul", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -170,15 +169,10 @@ def main() -> None:
         print(f"\ndense fast route vs generic Jacobian route, pNTK n=1000: {speedup:.0f}x "
               f"(target >= 20x: ratio {speedup / 20:.2f})")
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
+    write_json(args.out, {
         "benchmark": "kernels", "widths": WIDTHS, "matmul_reference": ref, "rows": rows,
         "dense_over_generic_speedup_pntk_1000": speedup,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                    "device": str(jax.devices()[0])},
-    }, indent=1) + "\n")
-    print(f"\nwrote {out}")
+    })
 
 
 if __name__ == "__main__":

@@ -25,11 +25,10 @@ pools otherwise compete for the cores (see notebook 03, "Threads").  Writes JSON
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import time
-from pathlib import Path
+
+from common import RESULTS, write_json
 
 WIDTHS = (784, 512, 512, 10)
 POOL = 4000
@@ -60,7 +59,7 @@ def main() -> None:
     parser.add_argument("--sgd-candidates", type=int, default=5)
     parser.add_argument("--blas-threads", type=int, default=1,
                         help="threads for NumPy's BLAS (0: leave the library default)")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "lookahead.json"))
+    parser.add_argument("--out", default=str(RESULTS / "lookahead.json"))
     args = parser.parse_args()
 
     import jax
@@ -189,18 +188,13 @@ def main() -> None:
           f"{TARGET_VECTORISED_OVER_KERNEL} x kernel, proxy >= {TARGET_SPEEDUP_OVER_SGD:.0f} x faster "
           "than 15-epoch SGD per candidate. loop/vec: block-update loop per candidate over the "
           "vectorised form per candidate.")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
+    write_json(args.out, {
         "benchmark": "lookahead", "widths": WIDTHS, "kernel": "pntk", "rows": rows,
         "settings": {"sgd_lr": SGD_LR, "batch": BATCH, "epochs_on_L": EPOCHS_L,
                      "retrain_epochs": RETRAIN_EPOCHS, "repeat": args.repeat,
                      "loop_candidates": args.loop_candidates, "sgd_candidates": args.sgd_candidates,
                      "blas_threads": args.blas_threads},
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                    "device": str(jax.devices()[0])},
-    }, indent=1) + "\n")
-    print(f"\nwrote {out}")
+    })
 
 
 if __name__ == "__main__":

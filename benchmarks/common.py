@@ -1,0 +1,26 @@
+"""Shared by the benchmark scripts: where results go and how they are written."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def machine() -> dict:
+    """CPU count, platform and the JAX device the numbers were measured on."""
+    import jax
+
+    return {"cpus": os.cpu_count(), "platform": platform.platform(), "device": str(jax.devices()[0])}
+
+
+def write_json(path: str | Path, payload: dict) -> Path:
+    """Write ``payload`` plus the machine description as indented JSON; print where."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**payload, "machine": machine()}, indent=1) + "\n")
+    print(f"\nwrote {path}")
+    return path
