@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Callable, Sequence
 
 import jax
@@ -123,6 +124,19 @@ class MLP(nnx.Module):
             ]
         )
 
+    def features(self, x: Array) -> Array:
+        """Penultimate features: the input of the readout layer (deterministic network)."""
+        phi = activation_fn(self.activation)
+        x = x.reshape(x.shape[0], -1)
+        for layer in self.layers[:-1]:
+            x = phi(layer(x))
+        return x
+
+    @property
+    def readout_scale(self) -> float:
+        """The readout layer computes ``features @ W * readout_scale + ...``."""
+        return float(self.layers[-1].w_scale)
+
     def __call__(self, x: Array, *, dropout_key: Array | None = None) -> Array:
         phi = activation_fn(self.activation)
         x = x.reshape(x.shape[0], -1)
@@ -164,11 +178,183 @@ class CNN(nnx.Module):
         self.convs = nnx.List(convs)
         self.head = nnx.Linear(channels, num_classes, rngs=rngs)
 
-    def __call__(self, x: Array, *, dropout_key: Array | None = None) -> Array:
+    readout_scale = 1.0
+
+    def features(self, x: Array) -> Array:
+        """Globally pooled features, the input of the readout layer."""
         x = x.reshape((x.shape[0],) + self.image_shape)
         for conv in self.convs:
             x = jax.nn.relu(conv(x))
-        return self.head(x.mean(axis=(1, 2)))
+        return x.mean(axis=(1, 2))
+
+    def __call__(self, x: Array, *, dropout_key: Array | None = None) -> Array:
+        return self.head(self.features(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# residual networks with batch normalisation (the active-learning paper's image models)
+# ---------------------------------------------------------------------------------------------
+
+
+def _conv(c_in: int, c_out: int, kernel: int, stride: int, rngs: nnx.Rngs, param_dtype) -> nnx.Conv:
+    # He initialisation (fan-in, ReLU gain), no bias: a batch norm follows or precedes every conv
+    return nnx.Conv(c_in, c_out, kernel_size=(kernel, kernel), strides=(stride, stride), padding="SAME",
+                    use_bias=False, kernel_init=nnx.initializers.he_normal(), param_dtype=param_dtype,
+                    rngs=rngs)
+
+
+def _bn(c: int, rngs: nnx.Rngs, param_dtype) -> nnx.BatchNorm:
+    # momentum 0.9: running statistics settle within tens of steps (active-learning rounds are short)
+    return nnx.BatchNorm(c, momentum=0.9, epsilon=1e-5, param_dtype=param_dtype, rngs=rngs)
+
+
+def _feature_dropout(x: Array, rate: float, key: Array | None) -> Array:
+    if key is None or rate <= 0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0.0)
+
+
+class _ImageNet(nnx.Module):
+    """Shared plumbing: flat or image inputs, ``train`` switch for batch norm, feature dropout.
+
+    ``model(x)`` is the deterministic network with batch norm using its running statistics:
+    the function whose eNTK the kernels compute (the statistics are constants there, not
+    parameters).  ``model(x, train=True)`` normalises with the batch statistics and updates
+    the running ones (what :func:`ntk_tutorial.train.train` does through
+    :meth:`FunctionalModel.train_apply`).  ``dropout_key`` drops features before the readout
+    (MC dropout for BALD).
+    """
+
+    image_shape: tuple
+    dropout: float
+    readout_scale = 1.0
+
+    def _image(self, x: Array) -> Array:
+        if x.ndim == 2:
+            x = x.reshape((x.shape[0],) + self.image_shape)
+        if x.shape[1:] != self.image_shape:
+            raise ValueError(f"{type(self).__name__} expects images {self.image_shape} (or flat "
+                             f"vectors of that size), got {x.shape[1:]}")
+        # compute in the parameters' dtype (float64 inputs would write float64 batch statistics
+        # into float32 variables)
+        return x.astype(self.stem.kernel.dtype)
+
+    def __call__(self, x: Array, *, dropout_key: Array | None = None, train: bool = False) -> Array:
+        h = self.features(x, train=train)
+        return self.head(_feature_dropout(h, self.dropout, dropout_key))
+
+
+class _PreActBlock(nnx.Module):
+    """Wide-ResNet block (Zagoruyko & Komodakis 2016): BN-ReLU-conv3x3-BN-ReLU-conv3x3 + shortcut."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, rngs: nnx.Rngs, param_dtype):
+        self.bn1 = _bn(c_in, rngs, param_dtype)
+        self.conv1 = _conv(c_in, c_out, 3, stride, rngs, param_dtype)
+        self.bn2 = _bn(c_out, rngs, param_dtype)
+        self.conv2 = _conv(c_out, c_out, 3, 1, rngs, param_dtype)
+        self.shortcut = (_conv(c_in, c_out, 1, stride, rngs, param_dtype)
+                         if (stride != 1 or c_in != c_out) else None)
+
+    def __call__(self, x: Array, train: bool) -> Array:
+        o = jax.nn.relu(self.bn1(x, use_running_average=not train))
+        skip = x if self.shortcut is None else self.shortcut(o)
+        h = self.conv1(o)
+        h = self.conv2(jax.nn.relu(self.bn2(h, use_running_average=not train)))
+        return h + skip
+
+
+class WideResNet(_ImageNet):
+    """WRN-(6n+4)-k: a 3x3 stem with 16 channels, three groups of ``n = blocks`` pre-activation
+    blocks with ``16k, 32k, 64k`` channels (strides 1, 2, 2), BN-ReLU, global average pooling,
+    a dense readout.
+
+    The active-learning paper's "1-block" (SVHN) and "2-block" (CIFAR-10) wide ResNets are
+    ``blocks=1`` (WRN-10-k) and ``blocks=2`` (WRN-16-k).  The widening factor is not given in
+    our notes of the paper; ``widen=2`` is this package's choice (``--widen`` changes it).
+    """
+
+    def __init__(self, image_shape: Sequence[int], num_classes: int, blocks: int = 1, widen: int = 2,
+                 dropout: float = 0.0, *, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+        self.image_shape = tuple(int(s) for s in image_shape)
+        if len(self.image_shape) != 3:
+            raise ValueError(f"image_shape must be (H, W, C), got {self.image_shape}")
+        if blocks < 1 or widen < 1:
+            raise ValueError(f"blocks and widen must be >= 1, got blocks={blocks}, widen={widen}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.blocks, self.widen, self.dropout = int(blocks), int(widen), float(dropout)
+        self.stem = _conv(self.image_shape[-1], 16, 3, 1, rngs, param_dtype)
+        layers, c_in = [], 16
+        for group, stride in zip((16, 32, 64), (1, 2, 2)):
+            for b in range(self.blocks):
+                layers.append(_PreActBlock(c_in, group * self.widen, stride if b == 0 else 1, rngs,
+                                           param_dtype))
+                c_in = group * self.widen
+        self.layers = nnx.List(layers)
+        self.bn = _bn(c_in, rngs, param_dtype)
+        self.head = nnx.Linear(c_in, num_classes, param_dtype=param_dtype, rngs=rngs)
+
+    def features(self, x: Array, *, train: bool = False) -> Array:
+        h = self.stem(self._image(x))
+        for layer in self.layers:
+            h = layer(h, train)
+        h = jax.nn.relu(self.bn(h, use_running_average=not train))
+        return h.mean(axis=(1, 2))
+
+
+class _BasicBlock(nnx.Module):
+    """ResNet basic block (He et al. 2016): conv3x3-BN-ReLU-conv3x3-BN + shortcut, ReLU."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, rngs: nnx.Rngs, param_dtype):
+        self.conv1 = _conv(c_in, c_out, 3, stride, rngs, param_dtype)
+        self.bn1 = _bn(c_out, rngs, param_dtype)
+        self.conv2 = _conv(c_out, c_out, 3, 1, rngs, param_dtype)
+        self.bn2 = _bn(c_out, rngs, param_dtype)
+        if stride != 1 or c_in != c_out:
+            self.short_conv = _conv(c_in, c_out, 1, stride, rngs, param_dtype)
+            self.short_bn = _bn(c_out, rngs, param_dtype)
+        else:
+            self.short_conv = self.short_bn = None
+
+    def __call__(self, x: Array, train: bool) -> Array:
+        h = jax.nn.relu(self.bn1(self.conv1(x), use_running_average=not train))
+        h = self.bn2(self.conv2(h), use_running_average=not train)
+        skip = x if self.short_conv is None else self.short_bn(self.short_conv(x),
+                                                               use_running_average=not train)
+        return jax.nn.relu(h + skip)
+
+
+class ResNet18(_ImageNet):
+    """ResNet18 for 32x32 images (the CIFAR variant: 3x3 stem, no max-pool): four stages of two
+    basic blocks with ``width, 2 width, 4 width, 8 width`` channels (``width=64``: 11.2 M
+    parameters), global average pooling, dense readout."""
+
+    def __init__(self, image_shape: Sequence[int], num_classes: int, width: int = 64, dropout: float = 0.0,
+                 *, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+        self.image_shape = tuple(int(s) for s in image_shape)
+        if len(self.image_shape) != 3:
+            raise ValueError(f"image_shape must be (H, W, C), got {self.image_shape}")
+        if width < 1:
+            raise ValueError(f"width must be >= 1, got {width}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.width, self.dropout = int(width), float(dropout)
+        self.stem = _conv(self.image_shape[-1], width, 3, 1, rngs, param_dtype)
+        self.stem_bn = _bn(width, rngs, param_dtype)
+        layers, c_in = [], width
+        for mult, stride in zip((1, 2, 4, 8), (1, 2, 2, 2)):
+            for b in range(2):
+                layers.append(_BasicBlock(c_in, mult * width, stride if b == 0 else 1, rngs, param_dtype))
+                c_in = mult * width
+        self.layers = nnx.List(layers)
+        self.head = nnx.Linear(c_in, num_classes, param_dtype=param_dtype, rngs=rngs)
+
+    def features(self, x: Array, *, train: bool = False) -> Array:
+        h = jax.nn.relu(self.stem_bn(self.stem(self._image(x)), use_running_average=not train))
+        for layer in self.layers:
+            h = layer(h, train)
+        return h.mean(axis=(1, 2))
 
 
 @dataclass(frozen=True, eq=False)
@@ -186,14 +372,78 @@ class FunctionalModel:
 
     graphdef: Any
     state: Any  # the nnx.State template that pure dicts are poured into
-    rest: Any  # non-parameter variables (none for MLP/CNN)
+    rest: Any  # non-parameter variables (batch-norm statistics; none for MLP/CNN)
     activation: str | None = None  # set for MLP only
 
-    def __call__(self, params: Any, x: Array, dropout_key: Array | None = None) -> Array:
+    def _model(self, params: Any, rest: Any = None) -> nnx.Module:
         state = jax.tree.map(lambda v: v, self.state)
         nnx.replace_by_pure_dict(state, params)
-        model = nnx.merge(self.graphdef, state, self.rest)
-        return model(x, dropout_key=dropout_key)
+        return nnx.merge(self.graphdef, state, self.rest if rest is None else rest)
+
+    def __call__(self, params: Any, x: Array, dropout_key: Array | None = None) -> Array:
+        return self._model(params)(x, dropout_key=dropout_key)
+
+    @property
+    def template(self) -> "FunctionalModel":
+        """One canonical functional model per architecture (graph definition).
+
+        Training steps and evaluation compiled for the template take the batch-norm statistics
+        as data, so a model with new statistics (:meth:`with_batch_stats`) reuses them.
+        """
+        return _TEMPLATES.setdefault(self.graphdef, self)
+
+    # --- batch norm: running statistics are state, not parameters ---------------------------
+    @property
+    def batch_stats(self) -> Any | None:
+        """The running statistics of the model's batch norms (a pure dict), or ``None``.
+
+        ``apply_fn(params, x)`` uses them as constants, so kernels are taken with batch norm
+        frozen; :func:`ntk_tutorial.train.train` updates them through :meth:`train_apply` and
+        returns a new functional model holding the new ones (:meth:`with_batch_stats`).
+        """
+        leaves = jax.tree.leaves(self.rest)
+        if not leaves:
+            return None
+        return nnx.to_pure_dict(self.rest)
+
+    def with_batch_stats(self, batch_stats: Any) -> "FunctionalModel":
+        """The same network with other running statistics (a new, distinct functional model)."""
+        if self.batch_stats is None:
+            raise ValueError("this model has no batch-norm statistics")
+        rest = jax.tree.map(lambda v: v, self.rest)
+        nnx.replace_by_pure_dict(rest, batch_stats)
+        return FunctionalModel(self.graphdef, self.state, rest, self.activation)
+
+    def train_apply(self, params: Any, batch_stats: Any, x: Array,
+                    dropout_key: Array | None = None) -> tuple[Array, Any]:
+        """Training-mode forward pass: ``(logits, new batch_stats)``; batch norm normalises with
+        the batch's statistics and updates the running ones."""
+        rest = jax.tree.map(lambda v: v, self.rest)
+        nnx.replace_by_pure_dict(rest, batch_stats)
+        model = self._model(params, rest)
+        out = model(x, dropout_key=dropout_key, train=True)
+        _, _, new_rest = nnx.split(model, nnx.Param, ...)
+        return out, nnx.to_pure_dict(new_rest)
+
+    # --- penultimate features (BADGE, core-set) ----------------------------------------------
+    @property
+    def has_features(self) -> bool:
+        model = nnx.merge(self.graphdef, self.state, self.rest)
+        return hasattr(model, "features")
+
+    def features(self, params: Any, x: Array) -> Array:
+        """``(n, h)`` inputs of the readout layer (deterministic network, batch norm frozen)."""
+        model = self._model(params)
+        if not hasattr(model, "features"):
+            raise NotImplementedError(f"{type(model).__name__} has no features() method (penultimate "
+                                      "features); BADGE and core-set need one")
+        return model.features(x)
+
+    @property
+    def readout_scale(self) -> float:
+        """Factor of the readout weights: ``logits = features @ W * readout_scale + bias``."""
+        model = nnx.merge(self.graphdef, self.state, self.rest)
+        return float(getattr(model, "readout_scale", 1.0))
 
     def _key(self):
         rest = self.rest if jax.tree.leaves(self.rest) else None
@@ -217,6 +467,32 @@ class FunctionalModel:
             (params["layers"][i]["w"], params["layers"][i]["b"], layer.w_scale, layer.b_scale)
             for i, layer in enumerate(model.layers)
         ]
+
+
+_TEMPLATES: dict = {}
+
+
+@lru_cache(maxsize=64)
+def _jit_plain(apply_fn: Callable) -> Callable:
+    return jax.jit(apply_fn)
+
+
+@lru_cache(maxsize=64)
+def _jit_stats(template: "FunctionalModel") -> Callable:
+    return jax.jit(lambda params, stats, x, dropout_key: template.with_batch_stats(stats)(params, x, dropout_key))
+
+
+def eval_fn(apply_fn: Callable) -> Callable:
+    """Jitted ``f(params, x, dropout_key=None) -> logits`` for ``apply_fn``, compiled once per
+    architecture: for a batch-norm model the running statistics are passed as data, so models
+    that differ only in them (every active-learning cycle) share one compiled function."""
+    stats = getattr(apply_fn, "batch_stats", None)
+    if stats is None:
+        f = _jit_plain(apply_fn)
+        return lambda params, x, dropout_key=None: (
+            f(params, x) if dropout_key is None else f(params, x, dropout_key))
+    g = _jit_stats(apply_fn.template)
+    return lambda params, x, dropout_key=None: g(params, stats, x, dropout_key)
 
 
 def functional(model: nnx.Module) -> tuple[FunctionalModel, Any]:

@@ -16,6 +16,7 @@ and lazy-training notebooks.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Callable, Iterable
 
 import jax
@@ -75,6 +76,10 @@ class TrainResult:
       predictions: ``(len(record_steps), n_record, k)`` logits on ``record_x``, or ``None``.
       kernels: ``(len(record_steps), ...)`` kernels on ``record_x``, or ``None``.
       config: the settings, seed included, to store beside results.
+      apply_fn: the trained network's ``apply_fn``: the one passed in, or for a model with batch
+        norm a new :class:`~ntk_tutorial.models.FunctionalModel` holding the updated running
+        statistics (use it, not the old one, for predictions and kernels).
+      batch_stats: those running statistics (``None`` without batch norm).
     """
 
     params: Any
@@ -83,6 +88,8 @@ class TrainResult:
     predictions: np.ndarray | None = None
     kernels: np.ndarray | None = None
     config: dict = field(default_factory=dict)
+    apply_fn: Any = None
+    batch_stats: Any = None
 
 
 _KERNEL_FNS = {
@@ -117,6 +124,10 @@ def train(
 ) -> TrainResult:
     """Train ``apply_fn``'s parameters by full-batch GD or mini-batch SGD with optax.
 
+    Models with batch norm (``apply_fn.batch_stats`` is not ``None``, e.g. the wide ResNets of
+    :mod:`ntk_tutorial.models`) train in training mode, normalising with each batch's statistics
+    and updating the running ones; the result's ``apply_fn`` holds the final statistics.
+
     Args:
       apply_fn, params: the model (``apply_fn(params, x) -> (n, k)``) and its start point.
       x, y: training inputs and targets (int labels or ``(n, k)`` arrays).
@@ -146,7 +157,7 @@ def train(
     targets = _targets(y, k, loss)
     if targets.shape[0] != n:
         raise ValueError(f"x has {n} examples but y has {targets.shape[0]}")
-    per_example = loss_fn(loss)
+    loss_fn(loss)  # validates the name early
     if batch_size is not None and key is None:
         raise ValueError("mini-batch SGD shuffles: pass key=jax.random.key(seed)")
     if dropout and key is None:
@@ -156,22 +167,11 @@ def train(
         raise ValueError("give exactly one of steps= or epochs=")
     total = int(steps if steps is not None else epochs * steps_per_epoch)
 
-    opt = optax.sgd(lr, momentum=momentum or None)
+    stats = getattr(apply_fn, "batch_stats", None)  # batch-norm running statistics, if any
+    bn = stats is not None
+    step_fn, opt = _step_fn(apply_fn.template if bn else apply_fn, loss, float(lr), float(momentum),
+                            float(weight_decay), bool(dropout), bn)
     opt_state = opt.init(params)
-
-    def objective(p, xb, tb, dkey):
-        out = apply_fn(p, xb, dkey) if dropout else apply_fn(p, xb)
-        value = per_example(out, tb).mean()
-        if weight_decay:
-            value = value + 0.5 * weight_decay * sum(jnp.sum(w**2) for w in jax.tree.leaves(p))
-        return value
-
-    @jax.jit
-    def step_fn(p, s, xs, ts, idx, dkey):
-        xb, tb = (xs, ts) if idx is None else (xs[idx], ts[idx])
-        value, grads = jax.value_and_grad(objective)(p, xb, tb, dkey)
-        updates, s = opt.update(grads, s, p)
-        return optax.apply_updates(p, updates), s, value
 
     rec_steps = sorted({int(s) for s in record_steps})
     if rec_steps and (rec_steps[0] < 0 or rec_steps[-1] > total):
@@ -181,12 +181,13 @@ def train(
     if isinstance(record_kernel, str) and record_kernel not in _KERNEL_FNS:
         raise ValueError(f"record_kernel must be one of {sorted(_KERNEL_FNS)} or a callable")
     preds, kerns = [], []
-    predict = jax.jit(apply_fn)
+    from .models import eval_fn
 
     def record(p):
-        preds.append(np.asarray(predict(p, rec_x)))
+        current = apply_fn.with_batch_stats(stats) if bn else apply_fn
+        preds.append(np.asarray(eval_fn(current)(p, rec_x)))
         if kernel_fn is not None:
-            kerns.append(np.asarray(kernel_fn(apply_fn, p, rec_x)))
+            kerns.append(np.asarray(kernel_fn(current, p, rec_x)))
 
     if 0 in rec_steps:
         record(params)
@@ -206,7 +207,7 @@ def train(
             if pos == 0:
                 order = np.asarray(jax.random.permutation(jax.random.fold_in(shuffle_key, step), n))
             idx = order[pos * batch_size : (pos + 1) * batch_size]
-        params, opt_state, value = step_fn(params, opt_state, x, targets, idx, dkey)
+        params, stats, opt_state, value = step_fn(params, stats, opt_state, x, targets, idx, dkey)
         losses.append(value)
         if step % 100 == 0 or step == total:
             _check_finite(losses, step, lr)
@@ -232,13 +233,45 @@ def train(
         predictions=np.stack(preds) if preds else None,
         kernels=np.stack(kerns) if kerns else None,
         config=config,
+        apply_fn=apply_fn.with_batch_stats(stats) if bn else apply_fn,
+        batch_stats=stats,
     )
+
+
+@lru_cache(maxsize=64)
+def _step_fn(apply_fn: Callable, loss: str, lr: float, momentum: float, weight_decay: float,
+             dropout: bool, bn: bool):
+    """The jitted optimiser step for these settings, compiled once and reused by later calls
+    (active learning trains the same network every cycle).  Returns ``(step_fn, optimizer)``."""
+    per_example = loss_fn(loss)
+    opt = optax.sgd(lr, momentum=momentum or None)
+
+    def objective(p, bs, xb, tb, dkey):
+        if bn:
+            out, bs = apply_fn.train_apply(p, bs, xb, dkey if dropout else None)
+        else:
+            out = apply_fn(p, xb, dkey) if dropout else apply_fn(p, xb)
+        value = per_example(out, tb).mean()
+        if weight_decay:
+            value = value + 0.5 * weight_decay * sum(jnp.sum(w**2) for w in jax.tree.leaves(p))
+        return value, bs
+
+    @jax.jit
+    def step_fn(p, bs, s, xs, ts, idx, dkey):
+        xb, tb = (xs, ts) if idx is None else (xs[idx], ts[idx])
+        (value, bs), grads = jax.value_and_grad(objective, has_aux=True)(p, bs, xb, tb, dkey)
+        updates, s = opt.update(grads, s, p)
+        return optax.apply_updates(p, updates), bs, s, value
+
+    return step_fn, opt
 
 
 def predict(apply_fn: Callable, params: Any, x: Array, *, batch_size: int = 4096) -> Array:
     """Logits on ``x`` in batches (keeps memory bounded for large test sets)."""
+    from .models import eval_fn
+
     x = jnp.asarray(x)
-    f = jax.jit(apply_fn)
+    f = eval_fn(apply_fn)
     return jnp.concatenate([f(params, x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)])
 
 
