@@ -228,7 +228,8 @@ def cmd_al(args: argparse.Namespace) -> int:
         raise SystemExit(f"ntk-tutorial al: --seeds: {err}")
     overrides = {k: getattr(args, k) for k in (
         "dataset", "init", "query", "subset", "cycles", "model", "loss", "kernel", "lr", "epochs",
-        "mode", "step", "retrain_every", "dropout", "ridge", "normalize")}
+        "mode", "step", "retrain_every", "dropout", "ridge", "normalize", "widen", "width", "batch_size",
+        "momentum", "weight_decay", "n_train", "n_test")}
     if args.hidden:
         overrides["hidden"] = tuple(int(h) for h in args.hidden.split(","))
     if args.config:
@@ -289,7 +290,7 @@ def cmd_al_plot(args: argparse.Namespace) -> int:
 
 def add_al_parsers(sub) -> None:
     """The ``al`` and ``al-plot`` subcommands (issue 5)."""
-    from .active.run import MODES, PRESETS
+    from .active.run import MODELS, MODES, PRESETS
     from .active.strategies import KERNELS, STRATEGIES
 
     al = sub.add_parser("al", help="active-learning experiments (resumable; results as JSON lines)")
@@ -302,13 +303,15 @@ def add_al_parsers(sub) -> None:
     al.add_argument("--mode", choices=list(MODES))
     al.add_argument("--kernel", choices=list(KERNELS))
     al.add_argument("--dataset")
-    al.add_argument("--model")
+    al.add_argument("--model", choices=list(MODELS),
+                    help="mlp, cnn, wrn-1block (WRN-10-k), wrn-2block (WRN-16-k), resnet18")
     al.add_argument("--hidden", help="hidden widths of the MLP, e.g. 256,256")
     al.add_argument("--loss", choices=["mse", "xent"])
     al.add_argument("--normalize", choices=["standardize", "unit-norm", "none"])
     for name, typ in (("init", int), ("query", int), ("subset", int), ("cycles", int), ("lr", float),
                       ("epochs", int), ("step", int), ("retrain-every", int), ("dropout", float),
-                      ("ridge", float)):
+                      ("ridge", float), ("widen", int), ("width", int), ("batch-size", int),
+                      ("momentum", float), ("weight-decay", float), ("n-train", int), ("n-test", int)):
         al.add_argument(f"--{name}", type=typ)
     al.set_defaults(func=cmd_al)
     alp = sub.add_parser("al-plot", help="accuracy vs labels of an al results folder, with an AUC table")

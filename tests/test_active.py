@@ -198,24 +198,43 @@ def test_sequential_and_hybrid_modes(tmp_path):
         R.config_from_preset(None, **TINY, strategy="entropy", mode="sequential")
 
 
-def test_presets_keep_paper_numbers_and_say_what_is_missing():
+def test_presets_keep_paper_numbers_and_build_the_paper_models():
+    from ntk_tutorial import models
+
     assert {"cpu-digits", "cpu-mnist-5k", "mnist", "svhn", "cifar10", "cifar100"} <= set(R.PRESETS)
-    got = {p: (R.PRESETS[p]["init"], R.PRESETS[p]["query"], R.PRESETS[p]["subset"])
+    got = {p: (R.PRESETS[p]["init"], R.PRESETS[p]["query"], R.PRESETS[p]["subset"], R.PRESETS[p]["model"])
            for p in ("mnist", "svhn", "cifar10", "cifar100")}
-    assert got == {"mnist": (100, 20, 4000), "svhn": (1000, 1000, 6000),
-                   "cifar10": (1000, 1000, 6000), "cifar100": (10000, 1000, 6000)}
-    with pytest.raises(NotImplementedError, match="issue 8"):
+    assert got == {"mnist": (100, 20, 4000, "mlp"), "svhn": (1000, 1000, 6000, "wrn-1block"),
+                   "cifar10": (1000, 1000, 6000, "wrn-2block"), "cifar100": (10000, 1000, 6000, "resnet18")}
+    blocks = {"svhn": 1, "cifar10": 2}
+    for name, classes in (("svhn", 10), ("cifar10", 10)):
+        apply_fn, params = R.build_model(R.config_from_preset(name), 3072, classes, (32, 32, 3))
+        model = nnx.merge(apply_fn.graphdef, apply_fn.state, apply_fn.rest)
+        assert isinstance(model, models.WideResNet) and len(model.layers) == 3 * blocks[name]
+        assert apply_fn.batch_stats is not None  # batch norm: statistics travel beside the params
+    with pytest.raises(ValueError, match="image_shape"):
         R.build_model(R.config_from_preset("cifar10"), 3072, 10)
+    with pytest.raises(ValueError, match="unknown model"):
+        R.config_from_preset("cifar10", model="vgg")
     assert R.parse_seeds("0-2") == [0, 1, 2] and R.parse_seeds("1,4") == [1, 4]
     with pytest.raises(ValueError, match="dropout"):
         R.config_from_preset("cpu-digits", strategy="bald")
 
 
-def test_cli_al_paper_preset_says_it_needs_issue_8(tmp_path):
+def test_cli_al_paper_preset_without_the_data_says_how_to_fetch_it(tmp_path, monkeypatch):
     from ntk_tutorial import cli
 
-    with pytest.raises(SystemExit, match="issue 8"):
-        cli.main(["al", "--preset", "cifar10", "--out", str(tmp_path)])
+    from dataclasses import replace
+
+    from ntk_tutorial import remote
+
+    monkeypatch.setenv(remote.DATA_ENV, str(tmp_path / "empty-cache"))
+    monkeypatch.setenv(remote.TIMEOUT_ENV, "1")
+    rs = remote.REMOTE["cifar10"]  # no network here: a loopback port nobody listens on
+    monkeypatch.setitem(remote.REMOTE, "cifar10", replace(
+        rs, files=tuple(replace(f, urls=(f"http://127.0.0.1:9/{f.name}",)) for f in rs.files)))
+    with pytest.raises(SystemExit, match="data fetch cifar10"):
+        cli.main(["al", "--preset", "cifar10", "--out", str(tmp_path / "out")])
 
 
 def test_runner_with_cross_entropy_dropout_and_feature_strategies(tmp_path):

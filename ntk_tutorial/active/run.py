@@ -65,12 +65,15 @@ class ALConfig:
     cycles: int = 5
     model: str = "mlp"
     hidden: tuple = (256,)
+    widen: int = 2  # wide ResNets: widening factor k of WRN-(6n+4)-k
+    width: int = 64  # ResNet18: channels of the first stage
     dropout: float = 0.0
     loss: str = "mse"
     lr: float = 0.5
     epochs: int = 100
     batch_size: int | None = None
     momentum: float = 0.0
+    weight_decay: float = 0.0
     kernel: str = "pntk"
     ridge: float = 0.0
     mc_samples: int = 20
@@ -87,6 +90,8 @@ class ALConfig:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         _s.get(self.strategy)
+        if self.model not in MODELS:
+            raise ValueError(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}")
         if self.mode != "batch" and self.strategy not in _s.LOOKAHEAD:
             raise ValueError(
                 f"mode={self.mode!r} adds labels through the retraining proxy: it needs a "
@@ -128,14 +133,20 @@ PRESETS: dict[str, dict] = {
                          hidden=(512, 512), lr=5.0, epochs=100, normalize="none"),
     "mnist": dict(dataset="mnist", init=100, query=20, subset=4000, cycles=10, model="mlp",
                   hidden=(512, 512), lr=5.0, epochs=100, normalize="none"),
+    # the image protocols: init/query/subset/model from the paper; the optimiser (SGD with
+    # momentum, lr 0.1, weight decay 5e-4, 50 warm-started epochs per cycle, batch 128) and the
+    # WRN widening factor 2 are this package's choices (not in our notes of the paper)
     "svhn": dict(dataset="svhn", init=1000, query=1000, subset=6000, cycles=10, model="wrn-1block",
-                 lr=0.1, epochs=50, batch_size=128, momentum=0.9),
+                 lr=0.1, epochs=50, batch_size=128, momentum=0.9, weight_decay=5e-4),
     "cifar10": dict(dataset="cifar10", init=1000, query=1000, subset=6000, cycles=10,
-                    model="wrn-2block", lr=0.1, epochs=50, batch_size=128, momentum=0.9),
+                    model="wrn-2block", lr=0.1, epochs=50, batch_size=128, momentum=0.9, weight_decay=5e-4),
     "cifar100": dict(dataset="cifar100", init=10000, query=1000, subset=6000, cycles=10,
-                     model="resnet18", lr=0.1, epochs=50, batch_size=128, momentum=0.9),
+                     model="resnet18", lr=0.1, epochs=50, batch_size=128, momentum=0.9, weight_decay=5e-4),
 }
-MODELS = ("mlp",)  # wrn-1block, wrn-2block, resnet18: issue 8
+# mlp: MLP(hidden); cnn: the small CNN of ntk_tutorial.models; wrn-1block / wrn-2block:
+# WRN-10-k / WRN-16-k (k = widen); resnet18: ResNet18 (first-stage channels = width)
+MODELS = ("mlp", "cnn", "wrn-1block", "wrn-2block", "resnet18")
+IMAGE_MODELS = ("cnn", "wrn-1block", "wrn-2block", "resnet18")
 
 
 def config_from_preset(preset: str | None = None, **overrides) -> ALConfig:
@@ -162,21 +173,35 @@ def _params_path(jsonl: Path, cycle: int) -> Path:
 # ---------------------------------------------------------------------------------------------
 
 
-def build_model(config: ALConfig, in_dim: int, num_classes: int):
-    """``(apply_fn, params)`` of the configured model, initialised from ``config.seed``."""
-    if config.model != "mlp":
-        raise NotImplementedError(
-            f"model {config.model!r} needs issue 8's models/data (wide ResNets, ResNet18), which are "
-            f"not in ntk_tutorial yet; available models: {', '.join(MODELS)}. The preset keeps the "
-            "paper's numbers (init/query/subset) so it runs once they land")
+def build_model(config: ALConfig, in_dim: int, num_classes: int, image_shape=None):
+    """``(apply_fn, params)`` of the configured model, initialised from ``config.seed``.
+
+    Image models need ``image_shape`` ``(H, W, C)`` (the data set's ``image_shape``)."""
     from flax import nnx
 
-    from ..models import MLP, functional
+    from .. import models
 
     key = jax.random.fold_in(jax.random.key(config.seed), 1)
-    model = MLP((in_dim, *config.hidden, num_classes), dropout=config.dropout,
-                rngs=nnx.Rngs(params=key))
-    return functional(model)
+    rngs = nnx.Rngs(params=key)
+    if config.model == "mlp":
+        return models.functional(models.MLP((in_dim, *config.hidden, num_classes), dropout=config.dropout,
+                                            rngs=rngs))
+    if config.model not in IMAGE_MODELS:
+        raise ValueError(f"unknown model {config.model!r}; choose one of {', '.join(MODELS)}")
+    if image_shape is None:
+        raise ValueError(f"model {config.model!r} takes images, but data set {config.dataset!r} has no "
+                         "image_shape; use model='mlp' for vector data")
+    if config.model == "cnn":
+        if config.dropout > 0:
+            raise ValueError("the small CNN has no dropout; use a wide ResNet or ResNet18 for BALD")
+        model = models.CNN(image_shape, num_classes, rngs=rngs)
+    elif config.model.startswith("wrn-"):
+        model = models.WideResNet(image_shape, num_classes, blocks=int(config.model[4]), widen=config.widen,
+                                  dropout=config.dropout, rngs=rngs)
+    else:
+        model = models.ResNet18(image_shape, num_classes, width=config.width, dropout=config.dropout,
+                                rngs=rngs)
+    return models.functional(model)
 
 
 def load_data(config: ALConfig):
@@ -191,8 +216,14 @@ def load_data(config: ALConfig):
             raise
         raise RuntimeError(
             f"data set {config.dataset!r} could not be loaded ({err}); fetch it first with "
-            f"`ntk-tutorial data fetch {config.dataset}` (paper-scale presets also need issue 8's "
-            "models/data)") from err
+            f"`ntk-tutorial data fetch {config.dataset}` on a machine with a network, or place the "
+            "files by hand where that error says") from err
+
+
+def _state(apply_fn, params) -> tuple:
+    """What a cycle saves: the parameters and the batch-norm statistics (``{}`` without)."""
+    stats = getattr(apply_fn, "batch_stats", None)
+    return (params, {} if stats is None else stats)
 
 
 def _save_params(path: Path, params: Any) -> None:
@@ -218,7 +249,9 @@ def _load_params(path: Path, template: Any) -> Any:
 
 
 def _comparable(cfg: dict) -> dict:
-    return {k: v for k, v in cfg.items() if k not in NOT_COMPARED}
+    # keys added to ALConfig later are missing from older files: they ran with the default
+    full = {**ALConfig().to_dict(), **cfg}
+    return {k: v for k, v in full.items() if k not in NOT_COMPARED}
 
 
 def read_results(path: str | os.PathLike, config: ALConfig | None = None, *,
@@ -259,10 +292,9 @@ def read_results(path: str | os.PathLike, config: ALConfig | None = None, *,
             raise ResultsError(f"{path}, line {i + 1}: cycle {rec['cycle']} where cycle {len(records)} "
                                "was expected; the file was edited or written twice. Delete it to rerun")
         if config is not None and _comparable(rec["config"]) != _comparable(config.to_dict()):
-            diff = sorted(k for k in set(rec["config"]) | set(config.to_dict())
-                          if k not in NOT_COMPARED and rec["config"].get(k) != config.to_dict().get(k))
-            details = ", ".join(f"{k}: file {rec['config'].get(k)!r} vs now {config.to_dict().get(k)!r}"
-                                for k in diff)
+            old, new = _comparable(rec["config"]), _comparable(config.to_dict())
+            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            details = ", ".join(f"{k}: file {old.get(k)!r} vs now {new.get(k)!r}" for k in diff)
             raise ResultsError(
                 f"{path} was written with another configuration ({details}). Use another --out "
                 "folder, rerun with the file's settings, or delete the file to start again")
@@ -276,18 +308,21 @@ def read_results(path: str | os.PathLike, config: ALConfig | None = None, *,
 
 
 def _train(apply_fn, params, x, y, config: ALConfig, key):
+    """Train; returns ``(apply_fn, params)`` (``apply_fn`` changes for batch-norm models: it
+    carries the new running statistics)."""
     from ..train import train
 
     stochastic = config.batch_size is not None or config.dropout > 0
+    bs = None if config.batch_size is None else min(int(config.batch_size), len(x))
     res = train(apply_fn, params, x, y, lr=config.lr, epochs=config.epochs, loss=config.loss,
-                batch_size=config.batch_size, momentum=config.momentum,
+                batch_size=bs, momentum=config.momentum, weight_decay=config.weight_decay,
                 dropout=config.dropout > 0, key=key if stochastic else None)
-    return res.params
+    return res.apply_fn, res.params
 
 
 def _sequential_query(apply_fn, params, config, ds, labelled, cand, key):
     """Add ``config.query`` labels through the proxy, ``step`` at a time; retrain every
-    ``retrain_every`` labels.  Returns ``(queried train indices, params)``."""
+    ``retrain_every`` labels.  Returns ``(queried train indices, apply_fn, params)``."""
     k = ds.num_classes
     kern = _s.KERNELS[config.kernel]
     eye = np.eye(k)
@@ -299,7 +334,7 @@ def _sequential_query(apply_fn, params, config, ds, labelled, cand, key):
         rem = np.asarray(remaining)
         x_all = jnp.asarray(np.concatenate([ds.x_train[lab], ds.x_train[rem]]))
         k_all = np.asarray(kern(apply_fn, params, x_all), np.float64)
-        f_all = np.asarray(jax.jit(apply_fn)(params, x_all), np.float64)
+        f_all = _s._logits(apply_fn, params, x_all)
         n = len(lab)
         pos_l = list(range(n))
         proxy = lookahead.fit_proxy(k_all[:n][:, :n], eye[ds.y_train[lab]], f_all[:n], ridge=config.ridge)
@@ -325,10 +360,10 @@ def _sequential_query(apply_fn, params, config, ds, labelled, cand, key):
         remaining = [i for i in remaining if i not in set(new)]
         if len(queried) < config.query:  # SGD retraining every retrain_every labels
             lab2 = np.asarray(list(labelled) + queried)
-            params = _train(apply_fn, params, ds.x_train[lab2], ds.y_train[lab2], config,
-                            jax.random.fold_in(key, 10_000 + n_retrain))
+            apply_fn, params = _train(apply_fn, params, ds.x_train[lab2], ds.y_train[lab2], config,
+                                      jax.random.fold_in(key, 10_000 + n_retrain))
             n_retrain += 1
-    return np.asarray(queried, np.int64), params
+    return np.asarray(queried, np.int64), apply_fn, params
 
 
 def run_experiment(config: ALConfig | dict, out_dir: str | os.PathLike, *,
@@ -348,13 +383,12 @@ def run_experiment(config: ALConfig | dict, out_dir: str | os.PathLike, *,
     if len(records) >= config.cycles:
         return records
 
-    if config.model not in MODELS:
-        build_model(config, 1, 1)  # raises: the model is not there yet (issue 8)
     ds = load_data(config)
     n_pool = len(ds.x_train)
     if config.init > n_pool:
         raise ValueError(f"init ({config.init}) exceeds the {n_pool} training points")
-    apply_fn, params = build_model(config, int(np.prod(ds.x_train.shape[1:])), ds.num_classes)
+    apply_fn, params = build_model(config, int(np.prod(ds.x_train.shape[1:])), ds.num_classes,
+                                   getattr(ds, "image_shape", None))
     base_key = jax.random.key(config.seed)
     if records:
         last = records[-1]
@@ -363,7 +397,9 @@ def run_experiment(config: ALConfig | dict, out_dir: str | os.PathLike, *,
         if not ppath.exists():
             raise ResultsError(f"{ppath} (the warm-start parameters of cycle {last['cycle']}) is missing; "
                                f"delete {path} to rerun from scratch")
-        params = _load_params(ppath, params)
+        params, stats = _load_params(ppath, _state(apply_fn, params))
+        if stats:
+            apply_fn = apply_fn.with_batch_stats(stats)
     else:
         rng = np.random.default_rng([config.seed, 0xA1])
         labelled = [int(i) for i in rng.choice(n_pool, config.init, replace=False)]
@@ -372,8 +408,8 @@ def run_experiment(config: ALConfig | dict, out_dir: str | os.PathLike, *,
         t0 = time.perf_counter()
         ckey = jax.random.fold_in(base_key, cycle)
         lab = np.asarray(labelled, np.int64)
-        params = _train(apply_fn, params, ds.x_train[lab], ds.y_train[lab], config,
-                        jax.random.fold_in(ckey, 0))
+        apply_fn, params = _train(apply_fn, params, ds.x_train[lab], ds.y_train[lab], config,
+                                  jax.random.fold_in(ckey, 0))
         jax.block_until_ready(params)
         t1 = time.perf_counter()
         from ..train import accuracy
@@ -384,7 +420,7 @@ def run_experiment(config: ALConfig | dict, out_dir: str | os.PathLike, *,
         rng = np.random.default_rng([config.seed, cycle, 0x5B])
         cand = np.sort(rng.choice(unl, min(config.subset, len(unl)), replace=False))
         budget = min(config.query, len(cand))
-        save_params = params
+        save_state = _state(apply_fn, params)
         if config.mode == "batch":
             ctx = _s.Context(apply_fn, params, ds.x_train[lab], ds.y_train[lab], ds.x_train[cand],
                              ds.num_classes, kernel=config.kernel, ridge=config.ridge,
@@ -392,8 +428,8 @@ def run_experiment(config: ALConfig | dict, out_dir: str | os.PathLike, *,
             queried = cand[_s.select(config.strategy, ctx, budget, jax.random.fold_in(ckey, 1))]
         else:
             step_cfg = replace(config, step=1) if config.mode == "sequential" else config
-            queried, params = _sequential_query(apply_fn, params, step_cfg, ds, lab, cand,
-                                                jax.random.fold_in(ckey, 1))
+            queried, apply_fn, params = _sequential_query(apply_fn, params, step_cfg, ds, lab, cand,
+                                                          jax.random.fold_in(ckey, 1))
         t3 = time.perf_counter()
         rec = {
             "cycle": cycle,
@@ -409,7 +445,8 @@ def run_experiment(config: ALConfig | dict, out_dir: str | os.PathLike, *,
         }
         # parameters first, then the line: a line on disk always has its parameters
         # (in sequential mode with retraining, the warm start is the last retrained network)
-        _save_params(_params_path(path, cycle), params if config.mode != "batch" else save_params)
+        _save_params(_params_path(path, cycle),
+                     _state(apply_fn, params) if config.mode != "batch" else save_state)
         with open(path, "a") as fh:
             fh.write(json.dumps(rec) + "\n")
             fh.flush()

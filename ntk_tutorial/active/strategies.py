@@ -38,7 +38,7 @@ import numpy as np
 
 from .. import kernels as _kernels
 from .. import lookahead
-from ..models import activation_fn
+from ..models import activation_fn, eval_fn
 
 KERNELS: dict[str, Callable] = {
     "pntk": _kernels.pntk,
@@ -95,11 +95,29 @@ class Context:
 # ---------------------------------------------------------------------------------------------
 
 
+# examples per forward pass when scoring a pool with a convolutional net (bounds its
+# activations); an MLP takes the pool in one pass
+EVAL_BATCH = 1024
+
+
+def _eval_batch(apply_fn) -> int | None:
+    return None if getattr(apply_fn, "is_dense", False) else EVAL_BATCH
+
+
+def _batched(fn, x, batch: int | None = EVAL_BATCH) -> np.ndarray:
+    x = np.asarray(x)
+    if batch is None or len(x) <= batch:
+        return np.asarray(fn(jnp.asarray(x)), np.float64)
+    return np.concatenate([np.asarray(fn(jnp.asarray(x[i:i + batch])), np.float64)
+                           for i in range(0, len(x), batch)])
+
+
 def _logits(apply_fn, params, x) -> np.ndarray:
     if len(x) == 0:
         k = jax.eval_shape(apply_fn, params, jnp.zeros((1,) + tuple(np.shape(x)[1:]))).shape[-1]
         return np.zeros((0, k))
-    return np.asarray(jax.jit(apply_fn)(params, jnp.asarray(x)), np.float64)
+    f = eval_fn(apply_fn)
+    return _batched(lambda xb: f(params, xb), x, _eval_batch(apply_fn))
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -140,25 +158,30 @@ def top_b(scores: np.ndarray, budget: int, key: Any) -> np.ndarray:
 
 
 def penultimate_features(apply_fn, params, x) -> np.ndarray:
-    """``(n, h)`` inputs of the last dense layer of an MLP (``h`` in the BADGE embedding)."""
-    if not getattr(apply_fn, "is_dense", False):
+    """``(n, h)`` inputs of the readout layer (``h`` in the BADGE embedding, the core-set space).
+
+    Any :func:`ntk_tutorial.models.functional` model with a ``features`` method (MLP, CNN, the
+    wide ResNets, ResNet18; batch norm frozen)."""
+    if getattr(apply_fn, "is_dense", False):  # MLP: straight from the dense layers
+        layers = apply_fn.dense_layers(params)
+        phi = activation_fn(apply_fn.activation)
+        h = jnp.asarray(x).reshape(len(x), -1)
+        for w, b, ws, bs in layers[:-1]:
+            h = phi((h @ w) * ws + b * bs)
+        return np.asarray(h, np.float64)
+    if not getattr(apply_fn, "has_features", False):
         raise NotImplementedError(
-            "penultimate features are implemented for ntk_tutorial.models.MLP only; BADGE and "
-            "coreset need them (other models come with issue 8)"
-        )
-    layers = apply_fn.dense_layers(params)
-    phi = activation_fn(apply_fn.activation)
-    h = jnp.asarray(x).reshape(len(x), -1)
-    for w, b, ws, bs in layers[:-1]:
-        h = phi((h @ w) * ws + b * bs)
-    return np.asarray(h, np.float64)
+            "penultimate features need a model from ntk_tutorial.models (functional(model) of an "
+            "MLP, CNN, WideResNet or ResNet18); BADGE and core-set use them")
+    f = jax.jit(apply_fn.features)
+    return _batched(lambda xb: f(params, xb), x)
 
 
 def gradient_embeddings(ctx: Context) -> np.ndarray:
     """BADGE embeddings: gradient of the cross-entropy at the predicted label w.r.t. the last
     layer's weights, ``w_scale (p - e_yhat) (x) h``, ``(m, k h)``."""
     h = penultimate_features(ctx.apply_fn, ctx.params, ctx.x_pool)
-    scale = ctx.apply_fn.dense_layers(ctx.params)[-1][2]
+    scale = getattr(ctx.apply_fn, "readout_scale", 1.0)
     p = ctx.probs
     g = p - np.eye(p.shape[1])[np.argmax(p, axis=1)]
     return scale * (g[:, :, None] * h[:, None, :]).reshape(len(p), -1)
@@ -279,9 +302,9 @@ def bald_scores(ctx: Context, key: Any) -> np.ndarray:
     model has no dropout: every sample is the same network)."""
     if isinstance(key, (int, np.integer)):
         key = jax.random.key(int(key))
-    f = jax.jit(ctx.apply_fn)
-    x = jnp.asarray(ctx.x_pool)
-    probs = np.stack([softmax(np.asarray(f(ctx.params, x, jax.random.fold_in(key, t))))
+    f = eval_fn(ctx.apply_fn)
+    probs = np.stack([softmax(_batched(lambda xb: f(ctx.params, xb, jax.random.fold_in(key, t)), ctx.x_pool,
+                                     _eval_batch(ctx.apply_fn)))
                       for t in range(int(ctx.mc_samples))])
     return entropy(probs.mean(0)) - entropy(probs).mean(0)
 
