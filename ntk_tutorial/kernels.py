@@ -45,8 +45,31 @@ ApplyFn = Callable[[Any, Array], Array]
 
 KINDS = ("entk", "pntk", "trace", "single")
 MEMORY_ENV = "NTK_TUTORIAL_MAX_BYTES"
-# Budget for one block of Jacobians on the generic route when batch_size is not given.
+# Budget for one block of Jacobians on the generic route when batch_size is not given: 512 MiB
+# on the CPU, a quarter of an accelerator's memory (large blocks recompute fewer Jacobians);
+# NTK_TUTORIAL_JACOBIAN_BYTES overrides both.
 _JACOBIAN_BLOCK_BYTES = 512 * 2**20
+JACOBIAN_ENV = "NTK_TUTORIAL_JACOBIAN_BYTES"
+
+
+def _jacobian_budget() -> int:
+    """Bytes one block of Jacobians may take on the generic route (see ``JACOBIAN_ENV``)."""
+    env = os.environ.get(JACOBIAN_ENV)
+    if env:
+        try:
+            value = int(float(env))
+        except ValueError:
+            raise ValueError(f"{JACOBIAN_ENV} must be a number of bytes, got {env!r}") from None
+        if value < 1:
+            raise ValueError(f"{JACOBIAN_ENV} must be positive, got {env!r}")
+        return value
+    device = jax.devices()[0]
+    if device.platform != "cpu":
+        try:
+            return int(device.memory_stats()["bytes_limit"]) // 4
+        except Exception:  # backends without memory statistics
+            pass
+    return _JACOBIAN_BLOCK_BYTES
 
 
 class KernelTooLargeError(MemoryError):
@@ -324,7 +347,7 @@ def _auto_batch_size(apply_fn: ApplyFn, params: Any, x: Array, kind: str, method
     n_params = sum(int(leaf.size) for leaf in jax.tree.leaves(params))
     k = jax.eval_shape(apply_fn, params, x[:1]).shape[-1]
     per_example = n_params * (k if kind in ("entk", "trace") else 1) * x.dtype.itemsize * 2
-    return int(max(1, min(n, _JACOBIAN_BLOCK_BYTES // max(per_example, 1))))
+    return int(max(1, min(n, _jacobian_budget() // max(per_example, 1))))
 
 
 def _run_block(block, params, xa, xb, devices) -> np.ndarray:
@@ -426,7 +449,8 @@ _DOC_ARGS = """
       x1: ``(n1, ...)`` inputs.
       x2: ``(n2, ...)`` inputs; ``None`` means ``x1`` (the symmetric kernel).
       batch_size: compute in blocks of this many examples (``None``: the whole set, or blocks that
-        keep the generic route's Jacobians under 512 MiB).  The result does not depend on it.
+        keep the generic route's Jacobians under 512 MiB on the CPU, a quarter of an
+        accelerator's memory, or ``NTK_TUTORIAL_JACOBIAN_BYTES``).  The result does not depend on it.
       method: ``"auto"`` (dense route for MLPs, else Jacobians), ``"dense"`` or ``"jacobian"``.
       devices: JAX devices to split each block's rows over (default: all visible devices, so a
         multi-GPU machine computes one large kernel in parallel); the result does not change.

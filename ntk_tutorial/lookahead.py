@@ -618,7 +618,9 @@ def posterior_change(
       proxy: :func:`fit_proxy` on the labelled set (``f_train`` = the network at ``theta_L``).
       k_pool_train: ``(m, n[, k, k])`` kernel between the pool and the labelled points.
       k_pool_pool: ``(m, m[, k, k])`` kernel on the pool (symmetric: ``Theta(x, x') = Theta(x', x)^T``;
-        its rows are read), or a function
+        its rows are read, block by block: a memory-mapped ``.npy`` such as
+        ``kernels.pntk(..., out="pool.npy")`` opened with ``numpy.load(path, mmap_mode="r")``
+        is never loaded whole), or a function
         ``idx -> (m, len(idx)[, k, k])`` returning its columns for the candidates ``idx`` (so the
         ``m x m`` kernel never has to sit in memory, e.g.
         ``lambda idx: kernels.pntk(apply_fn, params, x_pool, x_pool[idx])``).
@@ -667,13 +669,15 @@ def posterior_change(
     if callable(k_pool_pool):
         columns = lambda idx: _arr(k_pool_pool(idx), "k_pool_pool(idx)")  # noqa: E731
     else:
-        k_uu = _arr(k_pool_pool, "k_pool_pool")
+        # a NumPy array (a memory-mapped .npy included) is read block by block, never copied
+        # whole; other arrays (JAX) are converted once
+        k_uu = k_pool_pool if isinstance(k_pool_pool, np.ndarray) else _arr(k_pool_pool, "k_pool_pool")
         want = (m, m) if proxy.scalar else (m, m, k, k)
         if k_uu.shape != want:
             raise ValueError(f"k_pool_pool must have shape {want}, got {k_uu.shape}")
         # Theta(U, x') = Theta(x', U)^T: gather rows (contiguous), not columns (strided)
         swap = (1, 0) if proxy.scalar else (1, 0, 3, 2)
-        columns = lambda idx: k_uu[idx].transpose(swap)  # noqa: E731
+        columns = lambda idx: _arr(k_uu[idx], "k_pool_pool").transpose(swap)  # noqa: E731
 
     w = scipy.linalg.solve_triangular(proxy.chol, k_ux.T, lower=True, check_finite=False)  # (N, M)
     f_lin = f_pool + _unrhs(proxy, k_ux @ _rhs(proxy, proxy.alpha), m)

@@ -202,3 +202,19 @@ def test_shape_mismatch_and_nan_inputs():
         kernels.pntk(apply_fn, params, X1, batch_size=0)
     with pytest.raises(ValueError, match=r"\(n, k\) logits"):
         kernels.pntk(lambda p, x: x.sum(1), params, X1)
+
+
+def test_jacobian_budget_sets_the_block_size_not_the_result(monkeypatch):
+    from ntk_tutorial.models import CNN, functional
+
+    apply_fn, params = functional(CNN((6, 6, 1), 3, channels=4, rngs=nnx.Rngs(params=jax.random.key(0))))
+    x = jax.random.normal(jax.random.key(1), (10, 36))
+    whole = kernels.pntk(apply_fn, params, x)
+    n_params = sum(int(v.size) for v in jax.tree.leaves(params))
+    # room for the Jacobians of 3 examples (pNTK: one gradient each, twice for the two sides)
+    monkeypatch.setenv(kernels.JACOBIAN_ENV, str(3 * n_params * x.dtype.itemsize * 2))
+    assert kernels._auto_batch_size(apply_fn, params, x, "pntk", "jacobian") == 3
+    np.testing.assert_allclose(kernels.pntk(apply_fn, params, x), whole, rtol=1e-6, atol=1e-8)
+    monkeypatch.setenv(kernels.JACOBIAN_ENV, "lots")
+    with pytest.raises(ValueError, match="NTK_TUTORIAL_JACOBIAN_BYTES"):
+        kernels.pntk(apply_fn, params, x)

@@ -73,3 +73,33 @@ def test_memory_guard_names_the_disk_route(tmp_path, monkeypatch):
     assert disk.shape == (12, 12)
     with pytest.raises(ValueError, match="does not exist"):
         kernels.pntk(apply_fn, params, x, out=tmp_path / "missing" / "k.npy")
+
+
+def test_lookahead_reads_a_kernel_on_disk_block_by_block(tmp_path):
+    """The pool kernel written by ``out=`` feeds ``posterior_change`` without being loaded whole."""
+    import tracemalloc
+
+    from ntk_tutorial import lookahead
+
+    apply_fn, params = mlp((5, 32, 3))
+    n, m = 10, 600
+    x = jax.random.normal(jax.random.key(5), (n + m, 5), dtype=jnp.float32)
+    k_all = np.asarray(kernels.pntk(apply_fn, params, x), np.float64)
+    f = np.asarray(apply_fn(params, x), np.float64)
+    y = np.eye(3)[np.arange(n) % 3]
+    proxy = lookahead.fit_proxy(k_all[:n, :n], y, f[:n])
+    pool_path = tmp_path / "pool.npy"
+    written = kernels.pntk(apply_fn, params, x[n:], out=pool_path, batch_size=128)
+    np.testing.assert_allclose(written, k_all[n:, n:], rtol=1e-4, atol=1e-5)
+    np.save(pool_path, np.asarray(written, np.float32))  # float32 on disk, as a GPU run writes it
+    on_disk = np.load(pool_path, mmap_mode="r")
+    labels = lookahead.pseudo_labels(f[n:])
+    in_memory = lookahead.posterior_change(proxy, k_all[n:, :n], k_all[n:, n:], f[n:], labels, reduce="l2",
+                                           block_size=50)
+    tracemalloc.start()
+    blocked = lookahead.posterior_change(proxy, k_all[n:, :n], on_disk, f[n:], labels, reduce="l2",
+                                         block_size=50)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    np.testing.assert_allclose(blocked, in_memory, rtol=1e-4)
+    assert peak < m * m * 8 / 2, f"peak {peak} bytes: the {m}x{m} kernel was loaded whole"
