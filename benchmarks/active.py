@@ -16,7 +16,8 @@ included: at 4 000 candidates its posterior covariance alone is 40 000 x 40 000 
 
 ``--preset-all`` also runs the whole CPU preset with run_experiment — every strategy x 6 seeds x
 ``--cycles`` cycles of ``cpu-mnist-5k`` (with notebook 04's lr/normalisation) — into a temporary
-folder and reports its wall time (long: tens of minutes to hours on a laptop CPU).
+folder (or ``--preset-out DIR``, kept: ``results/al/mnist-5k-paper`` is the folder notebook 04
+reads) and reports its wall time (long: tens of minutes to hours on a laptop CPU).
 
 NumPy's BLAS runs single-threaded (``--blas-threads``), as in notebooks 03-04.  Prints, never
 asserts.  Writes JSON to ``benchmarks/results/active.json``.
@@ -46,6 +47,9 @@ def main() -> None:
     parser.add_argument("--preset-all", action="store_true",
                         help="also run every strategy x 6 seeds of the cpu-mnist-5k preset")
     parser.add_argument("--cycles", type=int, default=10, help="cycles of --preset-all")
+    parser.add_argument("--preset-out", default=None,
+                        help="keep --preset-all's results in this folder (e.g. results/al/mnist-5k-paper, "
+                             "which notebook 04 reads) instead of a temporary one; resumes what is there")
     parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "active.json"))
     args = parser.parse_args()
 
@@ -116,7 +120,7 @@ def main() -> None:
               "devices": [str(d) for d in jax.devices()], "versions": versions()}
 
     if args.preset_all:
-        out = Path(tempfile.mkdtemp(prefix="al-preset-"))
+        out = Path(args.preset_out) if args.preset_out else Path(tempfile.mkdtemp(prefix="al-preset-"))
         start = time.perf_counter()
         per = {}
         try:
@@ -130,7 +134,8 @@ def main() -> None:
                 per[name] = time.perf_counter() - t0
                 print(f"preset {name:12s} 6 seeds x {args.cycles} cycles: {per[name]:.0f} s", flush=True)
         finally:
-            shutil.rmtree(out, ignore_errors=True)
+            if not args.preset_out:
+                shutil.rmtree(out, ignore_errors=True)
         result["preset_all"] = {"preset": "cpu-mnist-5k", "cycles": args.cycles, "seeds": 6,
                                 "per_strategy_s": per, "total_s": time.perf_counter() - start}
         print(f"whole preset: {result['preset_all']['total_s']:.0f} s")
