@@ -371,7 +371,7 @@ class FunctionalModel:
     """
 
     graphdef: Any
-    state: Any  # the nnx.State template that pure dicts are poured into
+    state: Any  # the nnx.State template (shapes and dtypes) that pure dicts are poured into
     rest: Any  # non-parameter variables (batch-norm statistics; none for MLP/CNN)
     activation: str | None = None  # set for MLP only
 
@@ -506,6 +506,9 @@ def functional(model: nnx.Module) -> tuple[FunctionalModel, Any]:
     """
     graphdef, state, rest = nnx.split(model, nnx.Param, ...)
     params = nnx.to_pure_dict(state)
+    # the template only gives the structure: keep shapes, not arrays (compiled functions are
+    # cached per functional model, and a wide network's initial weights should not stay alive)
+    state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
     activation = model.activation if isinstance(model, MLP) else None
     return FunctionalModel(graphdef, state, rest, activation), params
 
