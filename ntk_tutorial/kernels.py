@@ -50,6 +50,7 @@ MEMORY_ENV = "NTK_TUTORIAL_MAX_BYTES"
 # NTK_TUTORIAL_JACOBIAN_BYTES overrides both.
 _JACOBIAN_BLOCK_BYTES = 512 * 2**20
 JACOBIAN_ENV = "NTK_TUTORIAL_JACOBIAN_BYTES"
+_MAX_JACOBIAN_BLOCK = 1024
 
 
 def _jacobian_budget() -> int:
@@ -347,7 +348,9 @@ def _auto_batch_size(apply_fn: ApplyFn, params: Any, x: Array, kind: str, method
     n_params = sum(int(leaf.size) for leaf in jax.tree.leaves(params))
     k = jax.eval_shape(apply_fn, params, x[:1]).shape[-1]
     per_example = n_params * (k if kind in ("entk", "trace") else 1) * x.dtype.itemsize * 2
-    return int(max(1, min(n, _jacobian_budget() // max(per_example, 1))))
+    # at most _MAX_JACOBIAN_BLOCK examples: the budget counts the Jacobians only, and the
+    # activations of a batched backward pass over many images come on top
+    return int(max(1, min(n, _MAX_JACOBIAN_BLOCK, _jacobian_budget() // max(per_example, 1))))
 
 
 def _run_block(block, params, xa, xb, devices) -> np.ndarray:
