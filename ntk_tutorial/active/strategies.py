@@ -269,6 +269,17 @@ def emoc_scores(ctx: Context) -> np.ndarray:
     proxy, k_sl, k_ss = lookahead_setup(ctx)
     p = ctx.probs
     m, k = p.shape
+    if proxy.scalar:
+        # scalar kernel: ||Delta(x; x')|| = |C(x, x')| ||y' - f_lin(x')|| / |C(x', x') + shift|, so
+        # the label enters only through ||y' - f_lin(x')||: one pass over the pool with a unit
+        # residual gives the rest, then the expectation over y' is a (m, k) sum (k times cheaper)
+        f_lin = proxy.predict(k_sl, ctx.logits)
+        unit = np.zeros((m, k))
+        unit[:, 0] = 1.0
+        geometry = np.asarray(lookahead.posterior_change(proxy, k_sl, k_ss, ctx.logits, f_lin + unit,
+                                                         reduce="l2"), np.float64)
+        residual = np.linalg.norm(np.eye(k)[None, :, :] - f_lin[:, None, :], axis=2)  # (m, k)
+        return geometry * np.sum(p * residual, axis=1)
     total = np.zeros(m)
     for c in range(k):
         y = np.zeros((m, k))
