@@ -199,19 +199,48 @@ def _check_params(params: Any) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _single(apply_fn: ApplyFn) -> Callable[[Any, Array], Array]:
-    return lambda p, xi: apply_fn(p, xi[None])[0]
+class _WithStats:
+    """``f(params, x, stats)`` for a batch-norm model: the running statistics as data, so one
+    compiled kernel serves the architecture whatever its statistics (they change every
+    training run); differentiated with respect to ``params`` only."""
+
+    def __init__(self, template: Any):
+        self.template = template
+
+    def __call__(self, params: Any, x: Array, stats: Any) -> Array:
+        return self.template.with_batch_stats(stats)(params, x)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _WithStats) and other.template == self.template
+
+    def __hash__(self) -> int:
+        return hash((_WithStats, self.template))
+
+
+def _kernel_fn_and_aux(apply_fn: ApplyFn) -> tuple[Callable, Any]:
+    """``(function the blocks are compiled for, data passed beside the parameters)``."""
+    stats = getattr(apply_fn, "batch_stats", None)
+    if stats is None:
+        return apply_fn, None
+    return _WithStats(apply_fn.template), stats
+
+
+def _single(apply_fn: ApplyFn) -> Callable[[Any, Array, Any], Array]:
+    if isinstance(apply_fn, _WithStats):
+        return lambda p, xi, aux: apply_fn(p, xi[None], aux)[0]
+    return lambda p, xi, aux: apply_fn(p, xi[None])[0]
 
 
 @lru_cache(maxsize=64)
 def _generic_block_fn(apply_fn: ApplyFn, kind: str) -> Callable:
-    """A jitted ``(params, x1b, x2b) -> kernel block`` for one kind, cached per apply_fn."""
+    """A jitted ``(params, x1b, x2b, aux) -> kernel block`` for one kind, cached per apply_fn
+    (``aux``: batch-norm statistics for :class:`_WithStats`, else ``None``)."""
     f = _single(apply_fn)
 
     if kind == "entk":
 
-        def feats(p, x):  # leaves (n, k, p_leaf)
-            jac = jax.vmap(jax.jacrev(f), (None, 0))(p, x)
+        def feats(p, x, aux):  # leaves (n, k, p_leaf)
+            jac = jax.vmap(jax.jacrev(f), (None, 0, None))(p, x, aux)
             return [j.reshape(j.shape[0], j.shape[1], -1) for j in jax.tree.leaves(jac)]
 
         def contract(a, b):
@@ -219,8 +248,8 @@ def _generic_block_fn(apply_fn: ApplyFn, kind: str) -> Callable:
 
     elif kind == "trace":
 
-        def feats(p, x):
-            jac = jax.vmap(jax.jacrev(f), (None, 0))(p, x)
+        def feats(p, x, aux):
+            jac = jax.vmap(jax.jacrev(f), (None, 0, None))(p, x, aux)
             return [j.reshape(j.shape[0], j.shape[1], -1) for j in jax.tree.leaves(jac)]
 
         def contract(a, b):
@@ -230,25 +259,25 @@ def _generic_block_fn(apply_fn: ApplyFn, kind: str) -> Callable:
     else:
         if kind == "pntk":
 
-            def scalar(p, xi):
-                out = f(p, xi)
+            def scalar(p, xi, aux):
+                out = f(p, xi, aux)
                 return out.sum() / jnp.sqrt(out.shape[-1])
 
         else:  # single logit
 
-            def scalar(p, xi):
-                return f(p, xi)[0]
+            def scalar(p, xi, aux):
+                return f(p, xi, aux)[0]
 
-        def feats(p, x):
-            grads = jax.vmap(jax.grad(scalar), (None, 0))(p, x)
+        def feats(p, x, aux):
+            grads = jax.vmap(jax.grad(scalar), (None, 0, None))(p, x, aux)
             return [g.reshape(g.shape[0], -1) for g in jax.tree.leaves(grads)]
 
         def contract(a, b):
             return sum(u @ v.T for u, v in zip(a, b))
 
     @jax.jit
-    def block(p, x1, x2):
-        return contract(feats(p, x1), feats(p, x2))
+    def block(p, x1, x2, aux):
+        return contract(feats(p, x1, aux), feats(p, x2, aux))
 
     return block
 
@@ -295,7 +324,7 @@ def _dense_feats(apply_fn: Any, p: Any, x: Array, kind: str):
 @lru_cache(maxsize=64)
 def _dense_block_fn(apply_fn: Any, kind: str) -> Callable:
     @jax.jit
-    def block(p, x1, x2):
+    def block(p, x1, x2, aux=None):  # aux: unused (MLPs have no batch norm)
         a1, d1, scales = _dense_feats(apply_fn, p, x1, kind)
         a2, d2, _ = _dense_feats(apply_fn, p, x2, kind)
         last = len(scales) - 1
@@ -353,7 +382,7 @@ def _auto_batch_size(apply_fn: ApplyFn, params: Any, x: Array, kind: str, method
     return int(max(1, min(n, _MAX_JACOBIAN_BLOCK, _jacobian_budget() // max(per_example, 1))))
 
 
-def _run_block(block, params, xa, xb, devices) -> np.ndarray:
+def _run_block(block, params, xa, xb, devices, aux=None) -> np.ndarray:
     """One kernel block; with several devices its rows are split across them.
 
     ``jax.shard_map`` over a 1-D mesh runs the block's own code on each device's row shard
@@ -361,7 +390,7 @@ def _run_block(block, params, xa, xb, devices) -> np.ndarray:
     device count and the padding dropped afterwards.
     """
     if len(devices) == 1:
-        return np.asarray(block(params, xa, xb))
+        return np.asarray(block(params, xa, xb, aux))
     from jax.sharding import Mesh
 
     mesh = Mesh(np.asarray(devices), ("rows",))
@@ -370,14 +399,14 @@ def _run_block(block, params, xa, xb, devices) -> np.ndarray:
     if pad:
         xa = jnp.concatenate([xa, jnp.repeat(xa[-1:], pad, axis=0)])
     sharded = _sharded_block(block, mesh)
-    return np.asarray(sharded(params, xa, xb))[:n]
+    return np.asarray(sharded(params, xa, xb, aux))[:n]
 
 
 @lru_cache(maxsize=64)
 def _sharded_block(block, mesh):
     from jax.sharding import PartitionSpec as P
 
-    return jax.jit(jax.shard_map(block, mesh=mesh, in_specs=(P(), P("rows"), P()),
+    return jax.jit(jax.shard_map(block, mesh=mesh, in_specs=(P(), P("rows"), P(), P()),
                                  out_specs=P("rows"), check_vma=False))
 
 
@@ -408,7 +437,11 @@ def _kernel(
     else:
         check_disk_space(out, kernel_nbytes(n1, n2, k, kind, itemsize))
     method = _choose_method(apply_fn, method)
-    block = (_dense_block_fn if method == "dense" else _generic_block_fn)(apply_fn, kind)
+    if method == "dense":
+        block, aux = _dense_block_fn(apply_fn, kind), None
+    else:
+        compiled_for, aux = _kernel_fn_and_aux(apply_fn)
+        block = _generic_block_fn(compiled_for, kind)
     devices = list(jax.devices() if devices is None else devices)
     if not devices:
         raise ValueError("devices must name at least one JAX device")
@@ -422,7 +455,7 @@ def _kernel(
     shape = (n1, n2) + ((k, k) if kind == "entk" else ())
     dtype = np.float64 if itemsize == 8 else np.float32
     if out is None and batch_size >= max(n1, n2):
-        return jnp.asarray(_run_block(block, params, x1, x2, devices))
+        return jnp.asarray(_run_block(block, params, x1, x2, devices, aux))
 
     if out is None:
         result = np.empty(shape, dtype=dtype)
@@ -437,7 +470,7 @@ def _kernel(
                 )
                 continue
             result[i : i + batch_size, j : j + batch_size] = _run_block(
-                block, params, x1[i : i + batch_size], x2[j : j + batch_size], devices
+                block, params, x1[i : i + batch_size], x2[j : j + batch_size], devices, aux
             )
     if out is not None:
         result.flush()

@@ -61,18 +61,30 @@ def test_apply_fn_freezes_batch_norm_and_the_kernel_is_the_gradient_gram_matrix(
     out_two, _ = apply_fn.train_apply(params, apply_fn.batch_stats, x[:2])
     assert np.abs(np.asarray(out_all[:2] - out_two)).max() > 1e-3
 
-    # reference pNTK: per-example gradients of sum_j f_j / sqrt(k) through the nnx module itself
-    graphdef, state = nnx.split(model)
+    # after training (non-trivial running statistics), the kernel of the trained network against
+    # per-example gradients of sum_j f_j / sqrt(k) through a module trained with nnx's own API
+    y = jnp.arange(6) % 4
+    res = train.train(apply_fn, params, x, y, lr=0.05, steps=2)
+    native = small_wrn()
 
-    def summed(flat_params_state, xi):
-        m = nnx.merge(graphdef, flat_params_state)
+    def loss(m):
+        return 0.5 * jnp.mean(jnp.sum((m(x, train=True) - jax.nn.one_hot(y, 4)) ** 2, axis=-1))
+
+    for _ in range(2):
+        grads = nnx.grad(loss)(native)
+        nnx.update(native, jax.tree.map(lambda p, g: p - 0.05 * g, nnx.state(native, nnx.Param), grads))
+    assert np.abs(np.asarray(nnx.state(native, nnx.BatchStat)["bn"]["mean"][...])).max() > 1e-3
+    graphdef, state = nnx.split(native)
+
+    def summed(full_state, xi):
+        m = nnx.merge(graphdef, full_state)
         return m(xi[None]).sum() / jnp.sqrt(4.0)
 
     grad = jax.jit(jax.grad(summed))
     grads = [ravel_pytree(nnx.to_pure_dict(nnx.state(
         nnx.merge(graphdef, grad(state, xi)), nnx.Param)))[0] for xi in x]
     g = np.stack([np.asarray(v) for v in grads])
-    np.testing.assert_allclose(kernels.pntk(apply_fn, params, x), g @ g.T, rtol=2e-4, atol=1e-4)
+    np.testing.assert_allclose(kernels.pntk(res.apply_fn, res.params, x), g @ g.T, rtol=2e-4, atol=1e-4)
 
 
 def test_one_step_updates_running_statistics_like_a_hand_computed_average():
@@ -124,11 +136,15 @@ def test_new_statistics_and_repeated_training_reuse_compiled_functions():
     models.eval_fn(first.apply_fn)(first.params, x)
     steps_before = train._step_fn.cache_info()
     evals_before = models._jit_stats.cache_info()
+    kernels.pntk(first.apply_fn, first.params, x)
+    kernels_before = kernels._generic_block_fn.cache_info()
     second = train.train(first.apply_fn, first.params, x, y, lr=0.05, steps=2)  # new statistics
     models.eval_fn(second.apply_fn)(second.params, x)
+    kernels.pntk(second.apply_fn, second.params, x)
     assert train._step_fn.cache_info().misses == steps_before.misses
     assert train._step_fn.cache_info().hits == steps_before.hits + 1
     assert models._jit_stats.cache_info().misses == evals_before.misses
+    assert kernels._generic_block_fn.cache_info().misses == kernels_before.misses
 
 
 def test_penultimate_features_and_badge_embeddings_of_a_resnet():
