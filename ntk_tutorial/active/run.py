@@ -186,8 +186,6 @@ def build_model(config: ALConfig, in_dim: int, num_classes: int, image_shape=Non
     if config.model == "mlp":
         return models.functional(models.MLP((in_dim, *config.hidden, num_classes), dropout=config.dropout,
                                             rngs=rngs))
-    if config.model not in IMAGE_MODELS:
-        raise ValueError(f"unknown model {config.model!r}; choose one of {', '.join(MODELS)}")
     if image_shape is None:
         raise ValueError(f"model {config.model!r} takes images, but data set {config.dataset!r} has no "
                          "image_shape; use model='mlp' for vector data")
@@ -420,7 +418,6 @@ def run_experiment(config: ALConfig | dict, out_dir: str | os.PathLike, *,
         rng = np.random.default_rng([config.seed, cycle, 0x5B])
         cand = np.sort(rng.choice(unl, min(config.subset, len(unl)), replace=False))
         budget = min(config.query, len(cand))
-        save_state = _state(apply_fn, params)
         if config.mode == "batch":
             ctx = _s.Context(apply_fn, params, ds.x_train[lab], ds.y_train[lab], ds.x_train[cand],
                              ds.num_classes, kernel=config.kernel, ridge=config.ridge,
@@ -445,8 +442,7 @@ def run_experiment(config: ALConfig | dict, out_dir: str | os.PathLike, *,
         }
         # parameters first, then the line: a line on disk always has its parameters
         # (in sequential mode with retraining, the warm start is the last retrained network)
-        _save_params(_params_path(path, cycle),
-                     _state(apply_fn, params) if config.mode != "batch" else save_state)
+        _save_params(_params_path(path, cycle), _state(apply_fn, params))
         with open(path, "a") as fh:
             fh.write(json.dumps(rec) + "\n")
             fh.flush()
