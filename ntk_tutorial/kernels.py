@@ -199,42 +199,27 @@ def _check_params(params: Any) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-class _WithStats:
-    """``f(params, x, stats)`` for a batch-norm model: the running statistics as data, so one
-    compiled kernel serves the architecture whatever its statistics (they change every
-    training run); differentiated with respect to ``params`` only."""
-
-    def __init__(self, template: Any):
-        self.template = template
-
-    def __call__(self, params: Any, x: Array, stats: Any) -> Array:
-        return self.template.with_batch_stats(stats)(params, x)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _WithStats) and other.template == self.template
-
-    def __hash__(self) -> int:
-        return hash((_WithStats, self.template))
-
-
 def _kernel_fn_and_aux(apply_fn: ApplyFn) -> tuple[Callable, Any]:
-    """``(function the blocks are compiled for, data passed beside the parameters)``."""
+    """``(function the blocks are compiled for, data passed beside the parameters)``: a
+    batch-norm model's running statistics travel as data (``models.StatsApply``), so one
+    compiled kernel serves the architecture whatever its statistics."""
     stats = getattr(apply_fn, "batch_stats", None)
     if stats is None:
         return apply_fn, None
-    return _WithStats(apply_fn.template), stats
+    from .models import StatsApply
+
+    return StatsApply(apply_fn.template), stats
 
 
 def _single(apply_fn: ApplyFn) -> Callable[[Any, Array, Any], Array]:
-    if isinstance(apply_fn, _WithStats):
-        return lambda p, xi, aux: apply_fn(p, xi[None], aux)[0]
-    return lambda p, xi, aux: apply_fn(p, xi[None])[0]
+    # aux: batch-norm statistics for models.StatsApply, else None (not passed)
+    return lambda p, xi, aux: (apply_fn(p, xi[None]) if aux is None else apply_fn(p, xi[None], aux))[0]
 
 
 @lru_cache(maxsize=64)
 def _generic_block_fn(apply_fn: ApplyFn, kind: str) -> Callable:
     """A jitted ``(params, x1b, x2b, aux) -> kernel block`` for one kind, cached per apply_fn
-    (``aux``: batch-norm statistics for :class:`_WithStats`, else ``None``)."""
+    (``aux``: batch-norm statistics for ``models.StatsApply``, else ``None``)."""
     f = _single(apply_fn)
 
     if kind == "entk":

@@ -472,27 +472,49 @@ class FunctionalModel:
 _TEMPLATES: dict = {}
 
 
-@lru_cache(maxsize=64)
-def _jit_plain(apply_fn: Callable) -> Callable:
-    return jax.jit(apply_fn)
+class StatsApply:
+    """``f(params, x, stats[, dropout_key])`` for a batch-norm architecture: the running
+    statistics as data beside the parameters, so one compiled function serves every set of
+    statistics (they change with every training run).  Used by :func:`eval_fn` and by the
+    kernels, which differentiate with respect to ``params`` only."""
+
+    def __init__(self, template: "FunctionalModel"):
+        self.template = template
+
+    def __call__(self, params: Any, x: Array, stats: Any, dropout_key: Array | None = None) -> Array:
+        return self.template.with_batch_stats(stats)(params, x, dropout_key)
+
+    def features(self, params: Any, x: Array, stats: Any, dropout_key: Array | None = None) -> Array:
+        return self.template.with_batch_stats(stats).features(params, x)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, StatsApply) and other.template == self.template
+
+    def __hash__(self) -> int:
+        return hash((StatsApply, self.template))
 
 
 @lru_cache(maxsize=64)
-def _jit_stats(template: "FunctionalModel") -> Callable:
-    return jax.jit(lambda params, stats, x, dropout_key: template.with_batch_stats(stats)(params, x, dropout_key))
+def _jit(fn: Callable, what: str) -> Callable:
+    return jax.jit(fn if what == "logits" else fn.features)
 
 
-def eval_fn(apply_fn: Callable) -> Callable:
-    """Jitted ``f(params, x, dropout_key=None) -> logits`` for ``apply_fn``, compiled once per
-    architecture: for a batch-norm model the running statistics are passed as data, so models
-    that differ only in them (every active-learning cycle) share one compiled function."""
+def eval_fn(apply_fn: Callable, what: str = "logits") -> Callable:
+    """Jitted ``f(params, x, dropout_key=None)`` for ``apply_fn``: its logits, or with
+    ``what="features"`` the penultimate features of a model from this module.
+
+    Compiled once per architecture: for a batch-norm model the running statistics are passed as
+    data (:class:`StatsApply`), so models that differ only in them (every active-learning cycle)
+    share one compiled function."""
+    if what not in ("logits", "features"):
+        raise ValueError(f"what must be 'logits' or 'features', got {what!r}")
     stats = getattr(apply_fn, "batch_stats", None)
     if stats is None:
-        f = _jit_plain(apply_fn)
+        f = _jit(apply_fn, what)
         return lambda params, x, dropout_key=None: (
             f(params, x) if dropout_key is None else f(params, x, dropout_key))
-    g = _jit_stats(apply_fn.template)
-    return lambda params, x, dropout_key=None: g(params, stats, x, dropout_key)
+    g = _jit(StatsApply(apply_fn.template), what)
+    return lambda params, x, dropout_key=None: g(params, x, stats, dropout_key)
 
 
 def functional(model: nnx.Module) -> tuple[FunctionalModel, Any]:

@@ -38,7 +38,7 @@ import numpy as np
 
 from .. import kernels as _kernels
 from .. import lookahead
-from ..models import activation_fn, eval_fn
+from ..models import eval_fn
 
 KERNELS: dict[str, Callable] = {
     "pntk": _kernels.pntk,
@@ -162,19 +162,12 @@ def penultimate_features(apply_fn, params, x) -> np.ndarray:
 
     Any :func:`ntk_tutorial.models.functional` model with a ``features`` method (MLP, CNN, the
     wide ResNets, ResNet18; batch norm frozen)."""
-    if getattr(apply_fn, "is_dense", False):  # MLP: straight from the dense layers
-        layers = apply_fn.dense_layers(params)
-        phi = activation_fn(apply_fn.activation)
-        h = jnp.asarray(x).reshape(len(x), -1)
-        for w, b, ws, bs in layers[:-1]:
-            h = phi((h @ w) * ws + b * bs)
-        return np.asarray(h, np.float64)
     if not getattr(apply_fn, "has_features", False):
         raise NotImplementedError(
             "penultimate features need a model from ntk_tutorial.models (functional(model) of an "
             "MLP, CNN, WideResNet or ResNet18); BADGE and core-set use them")
-    f = jax.jit(apply_fn.features)
-    return _batched(lambda xb: f(params, xb), x)
+    f = eval_fn(apply_fn, "features")
+    return _batched(lambda xb: f(params, xb), x, _eval_batch(apply_fn))
 
 
 def gradient_embeddings(ctx: Context) -> np.ndarray:
