@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 import os
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Any, Callable
 
 import jax
@@ -267,6 +267,68 @@ def _generic_block_fn(apply_fn: ApplyFn, kind: str) -> Callable:
     return block
 
 
+# Examples per vmapped gradient pass on the features route (64-256 were fastest per gradient on
+# the CPU; much larger chunks cost more per gradient).
+_GRADIENT_CHUNK = 64
+
+
+@lru_cache(maxsize=64)
+def _features_fn(apply_fn: ApplyFn, kind: str) -> Callable:
+    """A jitted ``(params, x, aux) -> features`` with every leaf's gradient flattened into one
+    axis: ``(c, P)`` for the pNTK and single-logit kernel (one gradient per example), ``(c, k, P)``
+    for the eNTK and trace kernel (one per example and logit)."""
+    f = _single(apply_fn)
+    if kind in ("entk", "trace"):
+        def per_example(p, xi, aux):
+            jac = jax.jacrev(f)(p, xi, aux)
+            return jnp.concatenate([j.reshape(j.shape[0], -1) for j in jax.tree.leaves(jac)], axis=1)
+    else:
+        def scalar(p, xi, aux):
+            out = f(p, xi, aux)
+            return out.sum() / jnp.sqrt(out.shape[-1]) if kind == "pntk" else out[0]
+
+        def per_example(p, xi, aux):
+            return jnp.concatenate([g.reshape(-1) for g in jax.tree.leaves(jax.grad(scalar)(p, xi, aux))])
+    return jax.jit(jax.vmap(per_example, (None, 0, None)))
+
+
+def _all_features(apply_fn: ApplyFn, kind: str, params: Any, x: Array, aux: Any) -> Array:
+    """Per-example gradients of every point of ``x``, each computed once, in vmapped chunks of
+    ``_GRADIENT_CHUNK`` (the last chunk padded, so one compilation serves every chunk)."""
+    fn = _features_fn(apply_fn, kind)
+    n, c = x.shape[0], min(_GRADIENT_CHUNK, x.shape[0])
+    parts = []
+    for i in range(0, n, c):
+        xb = x[i:i + c]
+        pad = c - xb.shape[0]
+        if pad:
+            xb = jnp.concatenate([xb, jnp.repeat(xb[-1:], pad, axis=0)])
+        parts.append(fn(params, xb, aux)[:c - pad])
+    return jnp.concatenate(parts)
+
+
+def _feature_bytes(apply_fn: ApplyFn, params: Any, x: Array, kind: str) -> int:
+    n_params = sum(int(leaf.size) for leaf in jax.tree.leaves(params))
+    k = jax.eval_shape(apply_fn, params, x[:1]).shape[-1]
+    return n_params * (k if kind in ("entk", "trace") else 1) * x.dtype.itemsize
+
+
+_HIGHEST = jax.lax.Precision.HIGHEST  # full float32 products on accelerators too (no TF32)
+
+
+@partial(jax.jit, static_argnames="kind")
+def _contract(f1: Array, f2: Array, kind: str) -> Array:
+    """The kernel from per-example gradients: one matrix product (two for the trace kernel)."""
+    if kind in ("pntk", "single"):
+        return jnp.matmul(f1, f2.T, precision=_HIGHEST)
+    if kind == "trace":
+        return jnp.einsum("aip,bip->ab", f1, f2, precision=_HIGHEST) / f1.shape[1]
+    n1, k, p = f1.shape
+    n2 = f2.shape[0]
+    prod = jnp.matmul(f1.reshape(n1 * k, p), f2.reshape(n2 * k, p).T, precision=_HIGHEST)
+    return prod.reshape(n1, k, n2, k).transpose(0, 2, 1, 3)
+
+
 # ---------------------------------------------------------------------------------------------
 # the dense route: Gram matrices of activations and back-propagated vectors
 # ---------------------------------------------------------------------------------------------
@@ -439,6 +501,14 @@ def _kernel(
         raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
     shape = (n1, n2) + ((k, k) if kind == "entk" else ())
     dtype = np.float64 if itemsize == 8 else np.float32
+    if out is None and batch_size >= max(n1, n2) and method == "dense":
+        return jnp.asarray(_run_block(block, params, x1, x2, devices, aux))
+    if (method == "jacobian" and out is None and len(devices) == 1
+            and _feature_bytes(apply_fn, params, x1, kind) * (n1 + (0 if symmetric else n2)) <= _jacobian_budget()):
+        # the features route: every per-example gradient once, then one matrix product
+        f1 = _all_features(compiled_for, kind, params, x1, aux)
+        f2 = f1 if symmetric else _all_features(compiled_for, kind, params, x2, aux)
+        return _contract(f1, f2, kind)
     if out is None and batch_size >= max(n1, n2):
         return jnp.asarray(_run_block(block, params, x1, x2, devices, aux))
 
