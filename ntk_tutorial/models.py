@@ -303,6 +303,96 @@ class WideResNet(_ImageNet):
         return h.mean(axis=(1, 2))
 
 
+def _torch_conv(c_in: int, c_out: int, kernel: int, stride: int, rngs: nnx.Rngs, param_dtype) -> nnx.Conv:
+    """A conv with bias initialised as PyTorch's ``nn.Conv2d`` default (what the released code
+    trains): weights and bias uniform in ``+-1/sqrt(fan_in)``."""
+    fan_in = c_in * kernel * kernel
+    bound = 1.0 / math.sqrt(fan_in)
+    return nnx.Conv(c_in, c_out, kernel_size=(kernel, kernel), strides=(stride, stride), padding="SAME",
+                    use_bias=True, kernel_init=nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"),
+                    bias_init=lambda key, shape, dtype=param_dtype: jax.random.uniform(
+                        key, shape, dtype, -bound, bound),
+                    param_dtype=param_dtype, rngs=rngs)
+
+
+def _torch_linear(c_in: int, c_out: int, rngs: nnx.Rngs, param_dtype) -> nnx.Linear:
+    """A dense layer initialised as PyTorch's ``nn.Linear`` default."""
+    bound = 1.0 / math.sqrt(c_in)
+    return nnx.Linear(c_in, c_out, kernel_init=nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"),
+                      bias_init=lambda key, shape, dtype=param_dtype: jax.random.uniform(key, shape, dtype, -bound, bound),
+                      param_dtype=param_dtype, rngs=rngs)
+
+
+class _ReleasedBlock(nnx.Module):
+    """``wide_basic`` of the released look-ahead code: BN-ReLU-conv3x3-BN-ReLU-conv3x3(stride),
+    plus a 1x1 conv of the block's *input* when the shape changes (identity otherwise)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, rngs: nnx.Rngs, param_dtype):
+        self.bn1 = _bn(c_in, rngs, param_dtype)
+        self.conv1 = _torch_conv(c_in, c_out, 3, 1, rngs, param_dtype)
+        self.bn2 = _bn(c_out, rngs, param_dtype)
+        self.conv2 = _torch_conv(c_out, c_out, 3, stride, rngs, param_dtype)
+        self.shortcut = (_torch_conv(c_in, c_out, 1, stride, rngs, param_dtype)
+                         if (stride != 1 or c_in != c_out) else None)
+
+    def __call__(self, x: Array, train: bool) -> Array:
+        h = self.conv1(jax.nn.relu(self.bn1(x, use_running_average=not train)))
+        h = self.conv2(jax.nn.relu(self.bn2(h, use_running_average=not train)))
+        return h + (x if self.shortcut is None else self.shortcut(x))
+
+
+class LookaheadWRN(_ImageNet):
+    """The wide ResNet of the look-ahead active-learning paper's released code
+    (``Wide_ResNet(num_layers, depth, widen_factor)`` in mohamad-amin/ntk-lookahead-active-learning,
+    ``src/core/models/wide_resnet.py``), which its MNIST, SVHN and CIFAR-10 experiments train.
+
+    A 3x3 stem to ``16 k`` channels, then ``stages`` stages of ``n = (depth - 4) / 6`` blocks
+    (:class:`_ReleasedBlock`) with ``32 k, 64 k, 128 k`` channels (stride 1 for the first
+    stage, 2 for the others, on each stage's first block), BN-ReLU, global average pooling and a
+    dense readout; every conv has a bias; weights are initialised as PyTorch's defaults.
+
+    The paper's "one-/two-layer WideResNet with maximum width 640" is ``stages=1, widen=20``
+    (MNIST, SVHN) and ``stages=2, widen=10`` (CIFAR-10): ``stages`` counts stages, not blocks, so
+    this is *not* WRN-10-k / WRN-16-k (:class:`WideResNet`, three stages of 16k, 32k, 64k).
+    The paper does not state the depth; ``depth=10`` (one block per stage) is this package's
+    choice: the smallest network of that description.
+    """
+
+    def __init__(self, image_shape: Sequence[int], num_classes: int, stages: int = 1, depth: int = 10,
+                 widen: int = 20, dropout: float = 0.0, *, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+        self.image_shape = tuple(int(s) for s in image_shape)
+        if len(self.image_shape) != 3:
+            raise ValueError(f"image_shape must be (H, W, C), got {self.image_shape}")
+        if stages not in (1, 2, 3):
+            raise ValueError(f"stages must be 1, 2 or 3 (the released code's num_layers), got {stages}")
+        if depth < 10 or (depth - 4) % 6:
+            raise ValueError(f"depth must be 6n + 4 with n >= 1 (10, 16, 22, 28, ...), got {depth}")
+        if widen < 1:
+            raise ValueError(f"widen must be >= 1, got {widen}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.stages, self.depth, self.widen, self.dropout = int(stages), int(depth), int(widen), float(dropout)
+        n = (self.depth - 4) // 6
+        c_in = 16 * self.widen
+        self.stem = _torch_conv(self.image_shape[-1], c_in, 3, 1, rngs, param_dtype)
+        layers = []
+        for s in range(self.stages):
+            c_out = (32, 64, 128)[s] * self.widen
+            for b in range(n):
+                layers.append(_ReleasedBlock(c_in, c_out, (1 if s == 0 else 2) if b == 0 else 1, rngs,
+                                             param_dtype))
+                c_in = c_out
+        self.layers = nnx.List(layers)
+        self.bn = _bn(c_in, rngs, param_dtype)
+        self.head = _torch_linear(c_in, num_classes, rngs, param_dtype)
+
+    def features(self, x: Array, *, train: bool = False) -> Array:
+        h = self.stem(self._image(x))
+        for layer in self.layers:
+            h = layer(h, train)
+        return jax.nn.relu(self.bn(h, use_running_average=not train)).mean(axis=(1, 2))
+
+
 class _BasicBlock(nnx.Module):
     """ResNet basic block (He et al. 2016): conv3x3-BN-ReLU-conv3x3-BN + shortcut, ReLU."""
 
@@ -425,6 +515,22 @@ class FunctionalModel:
         _, _, new_rest = nnx.split(model, nnx.Param, ...)
         return out, nnx.to_pure_dict(new_rest)
 
+    def population_stats(self, params: Any, x: Array, batch_size: int | None = None) -> Any:
+        """Running statistics recomputed from ``x`` with these parameters: the batch statistics of
+        ``x`` (one batch, ``batch_size=None``) or their average over batches of ``batch_size``.
+
+        After training on a small labelled set the exponential running averages lag behind the
+        parameters; with the recomputed statistics the network in evaluation mode is the network
+        training saw (the released look-ahead code's ``adjust_batchnorm_stats`` does the same,
+        averaging batch statistics over a pass of the data)."""
+        if self.batch_stats is None:
+            raise ValueError("this model has no batch-norm statistics")
+        fn = _population_fn(self.template)
+        x = jnp.asarray(x)
+        size = x.shape[0] if batch_size is None else int(batch_size)
+        parts = [fn(params, self.batch_stats, x[i:i + size]) for i in range(0, x.shape[0], size)]
+        return jax.tree.map(lambda *a: sum(a) / len(a), *parts)
+
     # --- penultimate features (BADGE, core-set) ----------------------------------------------
     @property
     def has_features(self) -> bool:
@@ -470,6 +576,25 @@ class FunctionalModel:
 
 
 _TEMPLATES: dict = {}
+
+
+@lru_cache(maxsize=64)
+def _population_fn(template: "FunctionalModel") -> Callable:
+    """Jitted ``(params, stats, x) -> the batch statistics of x`` (batch norm in training mode with
+    momentum 0, so the running statistics become the batch's)."""
+
+    def fn(params, stats, x):
+        rest = jax.tree.map(lambda v: v, template.rest)
+        nnx.replace_by_pure_dict(rest, stats)
+        model = template._model(params, rest)
+        for _, module in nnx.iter_modules(model):
+            if isinstance(module, nnx.BatchNorm):
+                module.momentum = 0.0
+        model(x, train=True)
+        _, _, new_rest = nnx.split(model, nnx.Param, ...)
+        return nnx.to_pure_dict(new_rest)
+
+    return jax.jit(fn)
 
 
 class StatsApply:

@@ -121,6 +121,7 @@ def train(
     callback: Callable[[int, Any], None] | None = None,
     stop_loss: float | None = None,
     progress: bool = False,
+    recompute_stats: bool = False,
 ) -> TrainResult:
     """Train ``apply_fn``'s parameters by full-batch GD or mini-batch SGD with optax.
 
@@ -150,6 +151,10 @@ def train(
         several networks "to the same loss"); the last step is then also recorded when
         ``record_steps`` asks for steps that were not reached.
       progress: show a tqdm bar.
+      recompute_stats: batch-norm models only: after the last step, replace the running
+        statistics by the statistics of the training inputs under the final parameters
+        (:meth:`~ntk_tutorial.models.FunctionalModel.population_stats`, in batches of
+        ``batch_size``), so that the network in evaluation mode is the one training fitted.
     """
     x = jnp.asarray(x)
     n = x.shape[0]
@@ -223,8 +228,10 @@ def train(
                     record(params)
             break
     losses = np.asarray(jnp.stack(losses)) if losses else np.zeros(0)
+    if recompute_stats and bn:
+        stats = apply_fn.with_batch_stats(stats).population_stats(params, x, batch_size)
     config = dict(lr=lr, steps=len(losses), stop_loss=stop_loss, loss=loss, batch_size=batch_size, momentum=momentum,
-                  weight_decay=weight_decay, dropout=dropout,
+                  weight_decay=weight_decay, dropout=dropout, recompute_stats=recompute_stats,
                   key=None if key is None else np.asarray(jax.random.key_data(key)).tolist())
     return TrainResult(
         params=params,

@@ -165,7 +165,7 @@ def test_penultimate_features_and_badge_embeddings_of_a_resnet():
     np.testing.assert_allclose(emb, ref, rtol=1e-4, atol=1e-6)
 
 
-TINY_WRN = dict(dataset="digits", model="wrn-1block", widen=1, init=12, query=4, subset=24, epochs=2,
+TINY_WRN = dict(dataset="digits", model="wrn", stages=1, widen=1, init=12, query=4, subset=24, epochs=2,
                 batch_size=8, lr=0.05, momentum=0.9, weight_decay=5e-4, normalize="none")
 
 
@@ -184,3 +184,78 @@ def test_al_runner_with_a_wide_resnet_resumes_exactly(tmp_path, strategy):
                                                R._state(apply_fn, params))
     assert jax.tree.structure(saved_stats) == jax.tree.structure(apply_fn.batch_stats)
     assert np.abs(np.asarray(saved_stats["bn"]["mean"])).max() > 0  # trained, not the initial zeros
+
+
+# ---------------------------------------------------------------------------------------------
+# the released code's wide ResNet (the look-ahead paper's MNIST / SVHN / CIFAR-10 network)
+# ---------------------------------------------------------------------------------------------
+
+
+def released_wrn_parameters(stages, depth, k, c_in=1, classes=10):
+    """Parameter count of the released Wide_ResNet(num_layers=stages, depth, widen_factor=k),
+    counted from its definition (convs with bias, BN scale and shift, the linear readout)."""
+    conv = lambda a, b, s: a * b * s * s + b  # noqa: E731
+    n = (depth - 4) // 6
+    total, c = conv(c_in, 16 * k, 3), 16 * k
+    for stage in range(stages):
+        out = (32, 64, 128)[stage] * k
+        for b in range(n):
+            total += 2 * c + conv(c, out, 3) + 2 * out + conv(out, out, 3)
+            if b == 0 and (stage > 0 or c != out):
+                total += conv(c, out, 1)
+            c = out
+    return total + 2 * c + c * classes + classes
+
+
+@pytest.mark.parametrize("stages,depth,k", [(1, 10, 1), (1, 10, 20), (2, 10, 10), (2, 16, 2), (3, 10, 1)])
+def test_lookahead_wrn_has_the_released_structure(stages, depth, k):
+    model = models.LookaheadWRN((28, 28, 1), 10, stages=stages, depth=depth, widen=k, rngs=rngs())
+    _, params = models.functional(model)
+    assert models.num_params(params) == released_wrn_parameters(stages, depth, k)
+    assert params["head"]["kernel"].shape == ((32, 64, 128)[stages - 1] * k, 10)
+    # stride 2 on the second conv of the first block of the later stages: 28 -> 14 -> 7
+    assert _through(model, jnp.zeros((1, 28, 28, 1))).shape[1:] == ({1: 28, 2: 14, 3: 7}[stages],) * 2 + (
+        (32, 64, 128)[stages - 1] * k,)
+    with pytest.raises(ValueError, match="6n \\+ 4"):
+        models.LookaheadWRN((28, 28, 1), 10, depth=12, rngs=rngs())
+
+
+def _through(model, x):
+    h = model.stem(x)
+    for layer in model.layers:
+        h = layer(h, False)
+    return h
+
+
+def test_population_stats_are_the_batch_statistics_of_the_inputs():
+    """Recomputed running statistics equal the mean and (biased) variance of each batch norm's
+    input over the training set, computed by hand from the module's own layers."""
+    model = models.LookaheadWRN((8, 8, 1), 4, widen=1, rngs=rngs(3))
+    apply_fn, params = models.functional(model)
+    x = jax.random.normal(jax.random.key(1), (16, 64), jnp.float32)
+    stats = apply_fn.population_stats(params, x)
+    img = x.reshape(16, 8, 8, 1)
+    h = model.stem(img)
+    block = model.layers[0]
+    np.testing.assert_allclose(stats["layers"][0]["bn1"]["mean"], h.mean((0, 1, 2)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stats["layers"][0]["bn1"]["var"], h.var((0, 1, 2)), rtol=1e-4, atol=1e-6)
+    # in training mode the block normalises with the batch statistics: its output feeds the last BN
+    out = block(h, True)
+    np.testing.assert_allclose(stats["bn"]["mean"], out.mean((0, 1, 2)), rtol=1e-4, atol=1e-5)
+    # averaged over batches: the mean of the batches' statistics
+    halves = [apply_fn.population_stats(params, x[:8]), apply_fn.population_stats(params, x[8:])]
+    both = apply_fn.population_stats(params, x, batch_size=8)
+    np.testing.assert_allclose(both["bn"]["var"], (halves[0]["bn"]["var"] + halves[1]["bn"]["var"]) / 2, rtol=1e-5)
+
+
+def test_training_with_recomputed_statistics_fits_in_evaluation_mode():
+    """With recompute_stats the network in evaluation mode is the one training fitted: its
+    training loss in evaluation mode equals the training-mode loss of the full batch."""
+    model = models.LookaheadWRN((8, 8, 1), 4, widen=1, rngs=rngs(0))
+    apply_fn, params = models.functional(model)
+    x = jax.random.normal(jax.random.key(2), (24, 64))
+    y = jnp.arange(24) % 4
+    res = train.train(apply_fn, params, x, y, lr=0.2, epochs=60, momentum=0.9, recompute_stats=True)
+    train_mode, _ = res.apply_fn.train_apply(res.params, res.batch_stats, x)
+    eval_mode = res.apply_fn(res.params, x)
+    np.testing.assert_allclose(eval_mode, train_mode, rtol=1e-4, atol=1e-5)
