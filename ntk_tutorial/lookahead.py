@@ -568,6 +568,76 @@ REDUCTIONS: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
 }
 
 
+# A candidate whose posterior variance C(x', x') + shift is at most this fraction of its prior
+# variance Theta(x', x') is already determined by L (an exact copy of a labelled point): its label
+# changes nothing, so its change is zero (not the 0/0 of round-off).
+KNOWN_POINT_TOLERANCE = 1e-9
+
+
+def _scalar_steps(c_bb, prior_bb, shift, r_blk):
+    """``z = r' / (C(x', x') + shift)`` per candidate, ``(B, k)``; zero for known points."""
+    den = c_bb + shift
+    known = den <= KNOWN_POINT_TOLERANCE * np.maximum(np.abs(prior_bb), np.finfo(DTYPE).tiny)
+    return np.where(known[:, None], 0.0, r_blk / np.where(known, 1.0, den)[:, None])
+
+
+def _block_steps(c_bb, prior_trace, shift, r_blk):
+    """``z = (C(x', x') + shift I)^{-1} r'`` per candidate for the eNTK, ``(B, k, 1)``; zero for
+    known points (posterior trace at round-off of the prior's), a pseudo-inverse for a singular
+    but not vanishing block."""
+    k = c_bb.shape[-1]
+    a = c_bb + shift * np.eye(k)
+    known = np.trace(a, axis1=1, axis2=2) <= KNOWN_POINT_TOLERANCE * np.maximum(np.abs(prior_trace),
+                                                                              np.finfo(DTYPE).tiny)
+    z = np.zeros(r_blk.shape + (1,))
+    ok = ~known
+    if np.any(ok):
+        try:
+            z[ok] = np.linalg.solve(a[ok], r_blk[ok][..., None])
+        except np.linalg.LinAlgError:
+            z[ok] = np.linalg.pinv(a[ok], hermitian=True) @ r_blk[ok][..., None]
+    return z
+
+
+_FUSED: dict = {}
+
+
+def _fused(name: str):
+    """Jitted, fused reductions of the scalar-kernel change ``offset + C(x, x') z(x')`` over the
+    pool for a block of candidates (the ``(B, m, k)`` changes are never written to memory)."""
+    if name not in _FUSED:
+        import jax
+        import jax.numpy as jnp
+
+        if name == "flips":
+            def fn(mean, ref_arg, cols, z):  # mean: f_lin (m, k); cols: (B, m); z: (B, k)
+                after = mean[None] + cols[:, :, None] * z[:, None, :]
+                return jnp.sum(jnp.argmax(after, axis=-1) != ref_arg[None], axis=1)
+        else:  # "l2" with an offset (change measured from the network)
+            def fn(offset, cols, z):
+                change = offset[None] + cols[:, :, None] * z[:, None, :]
+                return jnp.sum(jnp.sqrt(jnp.sum(change**2, axis=-1)), axis=1)
+        _FUSED[name] = jax.jit(fn)
+    return _FUSED[name]
+
+
+def _scalar_reduce(reduce_fn, cols, z, f_lin, reference, offset):
+    """The reduction of a block's scalar-kernel changes, or ``None`` if it has no fast form.
+
+    ``cols``: ``(B, m)`` columns ``C(U, x')``; ``z``: ``(B, k)`` steps.  float64 throughout."""
+    import jax
+
+    if reduce_fn is label_flips:
+        with jax.enable_x64(True):
+            return np.asarray(_fused("flips")(f_lin, np.argmax(reference, axis=-1), cols, z))
+    if reduce_fn is total_l2_change:
+        if not np.any(offset):
+            return np.abs(cols).sum(1) * np.linalg.norm(z, axis=1)
+        with jax.enable_x64(True):
+            return np.asarray(_fused("l2")(offset, cols, z))
+    return None
+
+
 def _block_change(k_ub, w, w_b, r_new, shift, offset, scalar, k, b_pos):
     """Change on every pool point for a block of B candidates: ``(B, m, k)``.
 
@@ -577,14 +647,14 @@ def _block_change(k_ub, w, w_b, r_new, shift, offset, scalar, k, b_pos):
     bsz = b_pos.size
     cols = np.arange(bsz)
     if scalar:
-        c_bb = c_ub[b_pos, cols]  # (B,)
-        z = r_new / (c_bb + shift)[:, None]  # (B, k)
+        z = _scalar_steps(c_ub[b_pos, cols], k_ub[b_pos, cols], shift, r_new)  # (B, k)
         delta = c_ub.T[:, :, None] * z[:, None, :]  # (B, m, k)
     else:
         m = c_ub.shape[0] // k
         c4 = c_ub.reshape(m, k, bsz, k)
         c_bb = c4[b_pos, :, cols, :]  # (B, k, k)
-        z = np.linalg.solve(c_bb + shift * np.eye(k), r_new[..., None])  # (B, k, 1)
+        prior = k_ub.reshape(m, k, bsz, k)[b_pos, :, cols, :]
+        z = _block_steps(c_bb, np.trace(prior, axis1=1, axis2=2), shift, r_new)  # (B, k, 1)
         delta = np.matmul(c4.transpose(2, 0, 1, 3).reshape(bsz, m * k, k), z).reshape(bsz, m, k)
     return offset[None] + delta
 
@@ -598,6 +668,7 @@ def posterior_change(
     *,
     candidates: Sequence[int] | np.ndarray | None = None,
     relative_to: str = "proxy",
+    network: Any | None = None,
     reduce: str | Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
     block_size: int | None = None,
 ) -> np.ndarray:
@@ -629,7 +700,11 @@ def posterior_change(
         MLMOC), in the order of ``candidates``.
       candidates: indices into the pool of the candidates (default: every pool point, ``c = m``).
       relative_to: ``"proxy"``: the change of the proxy, ``f_lin_L+ - f_lin_L``; ``"network"``:
-        ``f_lin_L+ - f_L`` (Eq. 11 minus the network; equal when the network fits ``L`` exactly).
+        ``f_lin_L+ - f_L``, the change from the trained network (Eq. 13's wording, and what the
+        released code's batch mode counts flips against); equal when the network fits ``L``.
+      network: ``(m, k)`` the network's outputs on the pool, the reference for
+        ``relative_to="network"`` (default ``f_pool``; give it when the proxy does not start
+        from the network, e.g. kernel regression with an infinite-width kernel and ``f_pool = 0``).
       reduce: ``None`` returns the ``(c, m, k)`` changes; ``"l2"`` the MLMOC scores
         ``sum_x ||Delta(x)||_2`` (:func:`total_l2_change`), ``"flips"`` the number of pool points
         whose arg-max prediction flips (:func:`label_flips`), each ``(c,)``; or a function
@@ -681,7 +756,8 @@ def posterior_change(
 
     w = scipy.linalg.solve_triangular(proxy.chol, k_ux.T, lower=True, check_finite=False)  # (N, M)
     f_lin = f_pool + _unrhs(proxy, k_ux @ _rhs(proxy, proxy.alpha), m)
-    reference = f_lin if relative_to == "proxy" else f_pool
+    reference = f_lin if relative_to == "proxy" else (
+        f_pool if network is None else _outputs(network, m, k, "network"))
     offset = f_lin - reference
     r_all = y_candidates - f_lin[cand]  # y' - f_lin_L(x'), (c, k)
 
@@ -691,9 +767,9 @@ def posterior_change(
     if block_size < 1:
         raise ValueError(f"block_size must be a positive integer, got {block_size}")
     w3 = w.reshape(w.shape[0], m, kk)
-    # scalar kernel, change of the proxy, L2 score: ||Delta(x; x')|| = |C(x, x')| ||r'|| / (C(x', x') + shift),
-    # so the (B, m, k) changes are never formed: O(m) instead of O(m k) per candidate.
-    l2_shortcut = proxy.scalar and relative_to == "proxy" and reduce_fn is total_l2_change
+    # scalar kernel: Delta(x; x') = C(x, x') z(x'), so the L2 score and the flip count have fused
+    # forms that never write the (B, m, k) changes to memory (_scalar_reduce)
+    fast = proxy.scalar and reduce_fn in (total_l2_change, label_flips)
     out = []
     for start in range(0, c, block_size):
         idx = cand[start:start + block_size]
@@ -701,12 +777,166 @@ def posterior_change(
         k_ub = _cross(flags, columns(idx), "k_pool_pool columns", rows=m, cols=idx.size)
         w_b = w3[:, idx, :].reshape(w.shape[0], idx.size * kk)
         r_blk = r_all[start:start + block_size]
-        if l2_shortcut:
+        if fast:
             c_ub = k_ub - w.T @ w_b
-            c_bb = c_ub[idx, np.arange(idx.size)]
-            out.append(np.abs(c_ub).sum(0) * np.linalg.norm(r_blk, axis=1) / np.abs(c_bb + proxy.shift))
+            diag = np.arange(idx.size)
+            z = _scalar_steps(c_ub[idx, diag], k_ub[idx, diag], proxy.shift, r_blk)
+            out.append(_scalar_reduce(reduce_fn, np.ascontiguousarray(c_ub.T), z, f_lin, reference, offset))
             continue
         change = _block_change(k_ub, w, w_b, r_blk, proxy.shift, offset, proxy.scalar, k, idx)
+        out.append(change if reduce_fn is None else np.asarray(reduce_fn(change, reference)))
+    if not out:
+        return np.zeros((0, m, k)) if reduce_fn is None else np.zeros((0,))
+    return np.concatenate(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# sequential querying on a fixed pool: the posterior over the pool, conditioned point by point
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PoolPosterior:
+    """The retraining proxy seen from a fixed pool ``U``: its predictions and posterior covariance.
+
+    ``mean = f_lin_L(U)`` and ``cov = C(U, U) = Theta(U, U) - Theta(U, X) (K + shift I)^{-1} Theta(X, U)``
+    (matrix form, ``M = m`` for a scalar kernel, ``m k`` for the eNTK).  Adding labelled pool
+    points is a Gaussian-process conditioning step (:func:`condition`, ``O(M^2)`` per point),
+    and the look-ahead change of every candidate is read off ``cov`` (:func:`covariance_change`):
+    what sequential querying needs, without refactorising or recomputing ``C`` per label.
+
+    Attributes:
+      cov: ``(M, M)`` posterior covariance on the pool.
+      mean: ``(m, k)`` the proxy's predictions on the pool.
+      prior_diag: ``(M,)`` the diagonal of ``Theta(U, U)`` (to recognise already-known points).
+      shift: the proxy's ``ridge + jitter``, added to the diagonal of every labelled point.
+      scalar: scalar kernel (``Theta_hat (x) I_k``) or full eNTK.
+      labelled: pool indices conditioned on so far, in order.
+    """
+
+    cov: np.ndarray
+    mean: np.ndarray
+    prior_diag: np.ndarray
+    shift: float
+    scalar: bool
+    labelled: tuple = ()
+
+    @property
+    def m(self) -> int:
+        return int(self.mean.shape[0])
+
+    @property
+    def k(self) -> int:
+        return int(self.mean.shape[1])
+
+
+def pool_posterior(proxy: Proxy, k_pool_train: Any, k_pool_pool: Any, f_pool: Any) -> PoolPosterior:
+    """:class:`PoolPosterior` of ``proxy`` on a pool: ``O(N^2 M + N M^2)`` once, ``M^2`` floats.
+
+    Args:
+      proxy: :func:`fit_proxy` on the labelled set.
+      k_pool_train: ``(m, n[, k, k])``; k_pool_pool: ``(m, m[, k, k])``; f_pool: ``(m, k)`` the
+        network's outputs on the pool (zeros for a proxy that does not start from the network).
+    """
+    k, kk = proxy.k, (1 if proxy.scalar else proxy.k)
+    k_ux = _cross(proxy, _arr(k_pool_train, "k_pool_train"), "k_pool_train", rows=None)
+    m = k_ux.shape[0] // kk
+    f_pool = _outputs(f_pool, m, k, "f_pool")
+    k_uu = _arr(k_pool_pool, "k_pool_pool")
+    want = (m, m) if proxy.scalar else (m, m, k, k)
+    if k_uu.shape != want:
+        raise ValueError(f"k_pool_pool must have shape {want}, got {k_uu.shape}")
+    k_uu = _symmetrise(k_uu if proxy.scalar else _matrix(k_uu), "k_pool_pool")
+    w = scipy.linalg.solve_triangular(proxy.chol, k_ux.T, lower=True, check_finite=False)  # (N, M)
+    cov = k_uu - w.T @ w
+    mean = f_pool + _unrhs(proxy, k_ux @ _rhs(proxy, proxy.alpha), m)
+    return PoolPosterior(cov, mean, np.diag(k_uu).copy(), proxy.shift, proxy.scalar)
+
+
+def _rows(post: PoolPosterior, idx: np.ndarray) -> np.ndarray:
+    """Matrix rows of pool points ``idx`` (``k`` rows each for the eNTK)."""
+    if post.scalar:
+        return idx
+    return (idx[:, None] * post.k + np.arange(post.k)[None]).reshape(-1)
+
+
+def condition(post: PoolPosterior, idx: Any, y: Any) -> PoolPosterior:
+    """Add pool points ``idx`` with labels ``y`` ``(c, k)`` to the labelled set.
+
+    ``mean += C(U, J) (C(J, J) + shift I)^{-1} (y - mean(J))`` and
+    ``cov -= C(U, J) (C(J, J) + shift I)^{-1} C(J, U)``: the same proxy as :func:`fit_proxy` on
+    ``L u J`` (same ridge and jitter), in ``O(M^2 c k')``.  A point the pool already determines
+    (posterior variance at round-off, e.g. a copy of a labelled point) changes nothing.
+    """
+    idx = np.asarray(idx, dtype=np.int64).reshape(-1)
+    y = _outputs(y, idx.size, post.k, "y")
+    if idx.size and (idx.min() < 0 or idx.max() >= post.m):
+        raise ValueError(f"idx must be indices into the pool of {post.m} points")
+    rows = _rows(post, idx)
+    c_uj = post.cov[:, rows]  # (M, c k')
+    c_jj = c_uj[rows] + post.shift * np.eye(rows.size)
+    known = np.diag(c_jj) <= KNOWN_POINT_TOLERANCE * np.maximum(np.abs(post.prior_diag[rows]),
+                                                               np.finfo(DTYPE).tiny)
+    if np.all(known):
+        return replace(post, labelled=post.labelled + tuple(int(i) for i in idx))
+    keep = ~known
+    c_uj, c_jj = c_uj[:, keep], c_jj[np.ix_(keep, keep)]
+    chol, _ = cholesky_with_jitter(0.5 * (c_jj + c_jj.T))
+    g = scipy.linalg.solve_triangular(chol, c_uj.T, lower=True, check_finite=False)  # (c k', M)
+    r = (y - post.mean[idx]).reshape(-1, 1) if not post.scalar else (y - post.mean[idx])
+    r = r[keep]
+    step = scipy.linalg.solve_triangular(chol, r, lower=True, check_finite=False)
+    delta = g.T @ step  # (M, k) or (M, 1)
+    mean = post.mean + (delta if post.scalar else delta.reshape(post.m, post.k))
+    cov = post.cov - g.T @ g
+    return replace(post, cov=cov, mean=mean, labelled=post.labelled + tuple(int(i) for i in idx))
+
+
+def covariance_change(post: PoolPosterior, y_candidates: Any, *, candidates: Any = None,
+                      reference: Any | None = None,
+                      reduce: str | Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+                      block_size: int | None = None) -> np.ndarray:
+    """:func:`posterior_change` read off a :class:`PoolPosterior`: the change on every pool point
+    if candidate ``x'`` (each of ``candidates``, default all) were labelled ``y'``::
+
+        Delta(x; x') = C(x, x') (C(x', x') + shift)^{-1} (y' - mean(x'))
+
+    measured from ``reference`` (default ``post.mean``: the change of the proxy; pass the
+    network's outputs to measure from the network).  ``reduce`` as in :func:`posterior_change`.
+    Cost ``O(c M k)`` (scalar kernel, fused: no ``(c, m, k)`` array is written) or
+    ``O(c M k k')``.
+    """
+    reduce_fn = REDUCTIONS[reduce] if isinstance(reduce, str) else reduce
+    if isinstance(reduce, str) and reduce not in REDUCTIONS:
+        raise ValueError(f"reduce must be None, a function or one of {sorted(REDUCTIONS)}")
+    m, k = post.m, post.k
+    cand = np.arange(m) if candidates is None else np.asarray(candidates, dtype=np.int64).reshape(-1)
+    y_candidates = _outputs(y_candidates, cand.size, k, "y_candidates")
+    reference = post.mean if reference is None else _outputs(reference, m, k, "reference")
+    offset = post.mean - reference
+    r_all = y_candidates - post.mean[cand]
+    kk = 1 if post.scalar else k
+    if block_size is None:
+        block_size = int(max(1, min(max(cand.size, 1), _BLOCK_BYTES // (8 * m * k * (2 + 2 * kk)))))
+    out = []
+    for start in range(0, cand.size, block_size):
+        idx = cand[start:start + block_size]
+        r_blk = r_all[start:start + block_size]
+        if post.scalar:
+            cols = post.cov[idx]  # rows = columns (symmetric): (B, m)
+            z = _scalar_steps(cols[np.arange(idx.size), idx], post.prior_diag[idx], post.shift, r_blk)
+            fast = _scalar_reduce(reduce_fn, cols, z, post.mean, reference, offset)
+            if fast is not None:
+                out.append(fast)
+                continue
+            change = offset[None] + cols[:, :, None] * z[:, None, :]
+        else:
+            rows = _rows(post, idx)
+            c4 = post.cov[rows].reshape(idx.size, k, m, k)  # (B, k, m, k)
+            c_bb = c4[np.arange(idx.size), :, idx, :]  # (B, k, k)
+            z = _block_steps(c_bb, post.prior_diag[rows].reshape(idx.size, k).sum(1), post.shift, r_blk)
+            # Delta(x) = C(x, x') z = (C(x', x)^T) z
+            change = offset[None] + np.einsum("bjxi,bjo->bxi", c4, z)
         out.append(change if reduce_fn is None else np.asarray(reduce_fn(change, reference)))
     if not out:
         return np.zeros((0, m, k)) if reduce_fn is None else np.zeros((0,))

@@ -296,3 +296,91 @@ def test_errors_say_what_is_wrong():
     with pytest.raises(ValueError, match="reduce must be"):
         lookahead.posterior_change(proxy, np.ones((2, 3)), np.eye(2), np.zeros((2, 2)),
                                    np.zeros((2, 2)), reduce="max")
+
+
+# ---------------------------------------------------------------------------------------------
+# the pool posterior (sequential querying): conditioning equals refitting on L u J
+# ---------------------------------------------------------------------------------------------
+
+
+def _naive_after(p, train, y_train, pool):
+    """The proxy refitted on ``train`` by a direct solve, predicted on ``pool``."""
+    return p.direct(train, y_train, pool)
+
+
+@SETTINGS
+@given(p=problems, data=st.data())
+def test_condition_equals_refit(p, data):
+    post = lookahead.pool_posterior(p.proxy(), p.block(p.U, p.L), p.block(p.U, p.U), p.f[p.U])
+    assert rel_err(post.mean, p.direct(p.L, p.y_all[p.L], p.U)) < TOL
+    picks = data.draw(st.lists(st.integers(0, p.m - 1), min_size=1, max_size=p.m, unique=True))
+    y_new = p.y_all[p.U[picks]]
+    for i, j in enumerate(picks):  # one at a time, as sequential querying
+        post = lookahead.condition(post, [j], y_new[i:i + 1])
+    train = np.concatenate([p.L, p.U[picks]])
+    y_train = np.concatenate([p.y_all[p.L], y_new])
+    assert rel_err(post.mean, p.direct(train, y_train, p.U)) < TOL
+    # the covariance is the prior minus the explained part, from an independent solve
+    k_uu, k_ut, k_tt = p.matrix(p.U, p.U), p.matrix(p.U, train), p.matrix(train, train)
+    want = k_uu - k_ut @ np.linalg.solve(k_tt + p.ridge * np.eye(len(k_tt)), k_ut.T)
+    assert np.linalg.norm(post.cov - want) <= 1e-6 * np.linalg.norm(k_uu)
+
+
+@SETTINGS
+@given(p=problems, relative=st.sampled_from(["proxy", "network"]), reduce=st.sampled_from([None, "l2", "flips"]))
+def test_covariance_change_equals_direct(p, relative, reduce):
+    """Every candidate's change (and its L2 / flip reduction) read off the pool posterior equals
+    a fresh direct solve of Eq. (11) on L + {(x', y')} per candidate."""
+    proxy = p.proxy()
+    post = lookahead.pool_posterior(proxy, p.block(p.U, p.L), p.block(p.U, p.U), p.f[p.U])
+    reference = post.mean if relative == "proxy" else p.f[p.U]
+    y_c = p.y_all[p.U]
+    got = lookahead.covariance_change(post, y_c, reference=reference, reduce=reduce)
+    same = lookahead.posterior_change(proxy, p.block(p.U, p.L), p.block(p.U, p.U), p.f[p.U], y_c,
+                                      relative_to=relative, reduce=reduce)
+    direct = np.stack([p.direct(np.concatenate([p.L, [p.U[c]]]), np.concatenate([p.y_all[p.L], y_c[c:c + 1]]), p.U)
+                       - reference for c in range(p.m)])
+    if reduce is None:
+        assert rel_err(got, direct) < TOL and rel_err(same, direct) < TOL
+    elif reduce == "l2":
+        want = np.linalg.norm(direct, axis=-1).sum(-1)
+        assert rel_err(got, want) < TOL and rel_err(same, want) < TOL
+    else:  # flips: compare where no pool point sits within round-off of an arg-max tie
+        after = direct + reference
+        top2 = np.sort(after, axis=-1)[..., -2:]
+        clear = np.all(top2[..., 1] - top2[..., 0] > 1e-8, axis=-1)
+        want = np.sum(np.argmax(after, -1) != np.argmax(reference, -1)[None], axis=-1)
+        assert np.array_equal(got[clear], want[clear]) and np.array_equal(same[clear], want[clear])
+
+
+def test_fused_flips_and_l2_match_the_formed_changes():
+    """The fused scalar-kernel reductions equal the reductions of the (c, m, k) changes."""
+    p = Problem(3, n=12, m=40, t=1, k=5, scalar=True)
+    proxy = p.proxy()
+    args = (proxy, p.block(p.U, p.L), p.block(p.U, p.U), p.f[p.U], p.y_all[p.U])
+    for relative in ("proxy", "network"):
+        change = lookahead.posterior_change(*args, relative_to=relative)
+        reference = p.f[p.U] if relative == "network" else proxy.predict(p.block(p.U, p.L), p.f[p.U])
+        flips = lookahead.posterior_change(*args, relative_to=relative, reduce="flips")
+        l2 = lookahead.posterior_change(*args, relative_to=relative, reduce="l2")
+        assert np.array_equal(flips, lookahead.label_flips(change, reference))
+        assert rel_err(l2, np.linalg.norm(change, axis=-1).sum(-1)) < 1e-12
+
+
+@pytest.mark.parametrize("scalar", [True, False])
+def test_known_points_change_nothing(scalar):
+    """A candidate that duplicates a labelled point (zero posterior variance) has zero change:
+    no infinite score, and conditioning on it leaves the posterior as it was."""
+    p = Problem(5, n=6, m=8, t=1, k=3, scalar=scalar)
+    p.kernel[p.U[0]] = p.kernel[p.L[2]]
+    p.kernel[:, p.U[0]] = p.kernel[:, p.L[2]]
+    p.f[p.U[0]] = p.f[p.L[2]]
+    proxy = p.proxy()
+    y_c = p.y_all[p.U]
+    for reduce in ("l2", "flips"):
+        scores = lookahead.posterior_change(proxy, p.block(p.U, p.L), p.block(p.U, p.U), p.f[p.U], y_c,
+                                            relative_to="proxy", reduce=reduce)
+        assert np.all(np.isfinite(scores)) and scores[0] == 0
+    post = lookahead.pool_posterior(proxy, p.block(p.U, p.L), p.block(p.U, p.U), p.f[p.U])
+    after = lookahead.condition(post, [0], y_c[:1])
+    assert rel_err(after.mean, post.mean) < 1e-8
