@@ -169,8 +169,16 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
             tqdm.write(f"FAILED {outcome.name}: {outcome.error}", file=sys.stdout)
     bar.close()
     print(format_table(outcomes))
-    where = os.environ.get(FIGURES_ENV) or str(repo / "figures" / ("fast" if args.fast else ""))
-    print(f"figures: {where.rstrip('/')}   executed notebooks: {executed}")
+    from . import claims
+    from .plotting import figures_dir
+
+    where = figures_dir()
+    readme = repo / "figures" / "README.md"
+    ledger = claims.write_ledger(where, readme=readme if where == (repo / "figures").resolve() else None)
+    records = claims.collect(where)
+    failing = [r["id"] for r in records if r["status"] == "holds" and not r["holds"]]
+    print(f"claims: {len(records)} recorded in {ledger}" + (f"; FAILING: {', '.join(failing)}" if failing else ""))
+    print(f"figures: {where}   executed notebooks: {executed}")
     return 0 if all(o.ok for o in outcomes) else 1
 
 
@@ -222,14 +230,20 @@ def cmd_al(args: argparse.Namespace) -> int:
 
     from .active import run as al
 
+    if args.show:
+        if not args.preset:
+            raise SystemExit(f"ntk-tutorial al --show: name a preset with --preset ({', '.join(al.PRESETS)})")
+        print(al.format_preset(args.preset))
+        return 0
     try:
         seeds = al.parse_seeds(args.seeds)
     except ValueError as err:
         raise SystemExit(f"ntk-tutorial al: --seeds: {err}")
     overrides = {k: getattr(args, k) for k in (
         "dataset", "init", "query", "subset", "cycles", "model", "loss", "kernel", "lr", "epochs",
-        "mode", "step", "retrain_every", "dropout", "ridge", "normalize", "widen", "width", "batch_size",
-        "momentum", "weight_decay", "n_train", "n_test")}
+        "mode", "step", "retrain_every", "dropout", "ridge", "normalize", "stages", "depth", "widen", "width",
+        "batch_size", "momentum", "weight_decay", "n_train", "n_test", "relative_to", "proxy", "probabilities",
+        "bn_stats")}
     if args.hidden:
         overrides["hidden"] = tuple(int(h) for h in args.hidden.split(","))
     if args.config:
@@ -246,7 +260,7 @@ def cmd_al(args: argparse.Namespace) -> int:
     total = sum(c.cycles for c in configs)
     bar = None
     try:
-        done = {(c.strategy, c.seed): len(al.read_results(al.results_path(args.out, c.strategy, c.seed), c))
+        done = {(c.strategy, c.seed): len(al.read_results(al.results_path(args.out, c), c))
                 for c in configs}
         bar = tqdm(total=total, initial=sum(min(v, c.cycles) for v, c in zip(done.values(), configs)),
                    desc="al (strategy, seed, cycle)", unit="cycle", file=sys.stdout)
@@ -279,22 +293,55 @@ def _al_loop(al, configs, args, bar, done) -> None:
                 bar.set_postfix_str(f"done {c.strategy} seed {c.seed}")
 
 
+def cmd_al_reproduce(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from .active import experiments
+    from .active import run as al
+
+    if args.list or not args.name:
+        for name, exp in experiments.EXPERIMENTS.items():
+            print(f"{name:16s} preset {exp.preset}, {len(exp.runs)} runs x seeds {exp.seeds} -> {exp.folder}\n"
+                  f"{'':16s} {exp.description}")
+        return 0
+    try:
+        configs = experiments.configs(args.name, args.seeds)
+    except ValueError as err:
+        raise SystemExit(f"ntk-tutorial al-reproduce: {err}")
+    out = Path(args.out or experiments.EXPERIMENTS[args.name].folder)
+    bar = tqdm(total=sum(c.cycles for c in configs), desc=f"{args.name} (seed, run, cycle)", unit="cycle",
+               file=sys.stdout)
+    try:
+        for c in configs:
+            bar.set_postfix_str(f"{al.run_name(c)} seed {c.seed}")
+            before = len(al.read_results(al.results_path(out, c), c))
+            bar.update(min(before, c.cycles))
+            al.run_experiment(c, out, progress=lambda rec: bar.update(1))
+    except (al.ResultsError, NotImplementedError, RuntimeError, ValueError) as err:
+        raise SystemExit(f"ntk-tutorial al-reproduce: {err}")
+    finally:
+        bar.close()
+    print(f"results: {out.resolve()}  (plot with: ntk-tutorial al-plot {out})")
+    return 0
+
+
 def cmd_al_plot(args: argparse.Namespace) -> int:
     from .active.plot import format_table, plot_curves
 
-    png, rows = plot_curves(args.results, args.output)
-    print(format_table(rows))
+    png, rows, diffs = plot_curves(args.results, args.output, baseline=args.baseline)
+    print(format_table(rows, diffs))
     print(f"figure: {png}")
     return 0
 
 
 def add_al_parsers(sub) -> None:
     """The ``al`` and ``al-plot`` subcommands (issue 5)."""
-    from .active.run import MODELS, MODES, PRESETS
-    from .active.strategies import KERNELS, STRATEGIES
+    from .active.run import BN_STATS, MODELS, MODES, PRESETS
+    from .active.strategies import KERNELS, PROBABILITIES, PROXIES, REFERENCES, STRATEGIES
 
     al = sub.add_parser("al", help="active-learning experiments (resumable; results as JSON lines)")
-    al.add_argument("--preset", choices=list(PRESETS), help="protocol (cpu-digits, cpu-mnist-5k, mnist, ...)")
+    al.add_argument("--preset", choices=list(PRESETS), help="protocol: demo-mnist-5k (fast MLP demo), cpu-mnist-5k (the MNIST protocol, narrow "
+                         "one-stage WRN), mnist, svhn, cifar10, cifar100 (the paper's); --show prints it")
     al.add_argument("--config", help="JSON file of configuration fields (command-line options win)")
     al.add_argument("--strategy", nargs="+", default=["random"], choices=list(STRATEGIES))
     al.add_argument("--seeds", default="0", help="e.g. 0-5 or 0,2,4 (default 0)")
@@ -303,20 +350,38 @@ def add_al_parsers(sub) -> None:
     al.add_argument("--mode", choices=list(MODES))
     al.add_argument("--kernel", choices=list(KERNELS))
     al.add_argument("--dataset")
+    al.add_argument("--show", action="store_true",
+                    help="print every setting of --preset and where it comes from (paper, released code, ours)")
     al.add_argument("--model", choices=list(MODELS),
-                    help="mlp, cnn, wrn-1block (WRN-10-k), wrn-2block (WRN-16-k), resnet18")
+                    help="mlp, cnn, wrn (the released code's wide ResNet: --stages, --depth, --widen), resnet18")
+    al.add_argument("--relative-to", choices=list(REFERENCES),
+                    help="measure the look-ahead change from the network (batch default) or the proxy "
+                         "(sequential default)")
+    al.add_argument("--proxy", choices=list(PROXIES), help="approximation of retraining (Fig. 1b)")
+    al.add_argument("--probabilities", choices=list(PROBABILITIES),
+                    help="class probabilities for every strategy (default: simplex for EMOC under mse)")
+    al.add_argument("--bn-stats", choices=list(BN_STATS), help="batch-norm statistics after training")
     al.add_argument("--hidden", help="hidden widths of the MLP, e.g. 256,256")
     al.add_argument("--loss", choices=["mse", "xent"])
     al.add_argument("--normalize", choices=["standardize", "unit-norm", "none"])
     for name, typ in (("init", int), ("query", int), ("subset", int), ("cycles", int), ("lr", float),
                       ("epochs", int), ("step", int), ("retrain-every", int), ("dropout", float),
-                      ("ridge", float), ("widen", int), ("width", int), ("batch-size", int),
+                      ("ridge", float), ("stages", int), ("depth", int), ("widen", int), ("width", int),
+                      ("batch-size", int),
                       ("momentum", float), ("weight-decay", float), ("n-train", int), ("n-test", int)):
         al.add_argument(f"--{name}", type=typ)
     al.set_defaults(func=cmd_al)
+    rep = sub.add_parser("al-reproduce", help="rerun one of the experiments notebook 04 reads (resumable); "
+                                              "--list shows them")
+    rep.add_argument("name", nargs="?", help="experiment name (see --list)")
+    rep.add_argument("--list", action="store_true", help="list the experiments")
+    rep.add_argument("--seeds", help="override the experiment's seeds, e.g. 0-1")
+    rep.add_argument("--out", help="results folder (default: the experiment's, under results/al/)")
+    rep.set_defaults(func=cmd_al_reproduce)
     alp = sub.add_parser("al-plot", help="accuracy vs labels of an al results folder, with an AUC table")
     alp.add_argument("results", help="folder of *.jsonl results")
     alp.add_argument("--output", help="PNG path (default RESULTS/al_curves.png)")
+    alp.add_argument("--baseline", default="random", help="run the paired differences are taken to (default random)")
     alp.set_defaults(func=cmd_al_plot)
 
 

@@ -314,6 +314,34 @@ def _remote(name):
     return loader
 
 
+_IMAGE_SHAPES = {"mnist": (28, 28, 1), "fashion-mnist": (28, 28, 1), "svhn": (32, 32, 3),
+                 "cifar10": (32, 32, 3), "cifar100": (32, 32, 3)}
+
+
+def _synthetic_like(name):
+    """Random images with the shape and number of classes of a real set, random labels: what
+    ``benchmarks/presets.py`` times the paper-scale presets on without downloading their data
+    (the cost of training and kernels does not depend on pixel values; accuracy here means nothing)."""
+
+    def loader(*, seed, n_train=None, n_test=None, normalize="none"):
+        from . import remote
+
+        shape, k = _IMAGE_SHAPES[name], remote.REMOTE[name].num_classes
+        n_tr = _take(n_train, 2000, 10**7, "n_train")
+        n_te = _take(n_test, 500, 10**7, "n_test")
+        rng = np.random.default_rng([seed, 0x5E])
+        x = rng.random((n_tr + n_te, int(np.prod(shape))))
+        y = rng.integers(0, k, n_tr + n_te)
+        x_tr, x_te = _normalize(x[:n_tr], x[n_tr:], normalize)
+        return dict(name=f"synthetic-{name}", x_train=x_tr.astype(np.float32), y_train=y[:n_tr].astype(np.int32),
+                    x_test=x_te.astype(np.float32), y_test=y[n_tr:].astype(np.int32), num_classes=k,
+                    class_names=tuple(str(i) for i in range(k)),
+                    description=f"uniform random images shaped like {name} {shape}, random labels (timing only)",
+                    seed=seed, image_shape=shape)
+
+    return loader
+
+
 LOADERS: dict[str, Callable[..., dict]] = {
     "digits": _digits,
     "mnist-5k": _mnist_5k,
@@ -326,8 +354,11 @@ LOADERS: dict[str, Callable[..., dict]] = {
     "svhn": _remote("svhn"),
     "cifar10": _remote("cifar10"),
     "cifar100": _remote("cifar100"),
+    # timing stand-ins of the real sets (benchmarks/presets.py)
+    **{f"synthetic-{n}": _synthetic_like(n) for n in _IMAGE_SHAPES},
 }
-OFFLINE = ("digits", "mnist-5k", "gaussian-mixture", "blobs-2d", "two-moons")
+OFFLINE = ("digits", "mnist-5k", "gaussian-mixture", "blobs-2d", "two-moons",
+           *(f"synthetic-{n}" for n in _IMAGE_SHAPES))
 
 
 def available() -> list[str]:

@@ -107,10 +107,14 @@ def test_bald_is_zero_without_dropout_and_positive_with_it(trained):
     assert np.max(S.bald_scores(ctx, jax.random.key(0))) > 0
 
 
-@pytest.mark.parametrize("kernel", ["pntk", "entk"])
-def test_mlmoc_scores_match_direct_lookahead_reference(trained, kernel):
+@pytest.mark.parametrize("kernel,relative_to", [("pntk", "network"), ("pntk", "proxy"), ("entk", "network")])
+def test_mlmoc_scores_match_direct_lookahead_reference(trained, kernel, relative_to):
+    """Eq. (13) (L2), the flip count and EMOC against a direct solve of Eq. (11) per candidate;
+    the change is measured from the network or from the proxy, the pseudo-label is the arg-max of
+    that reference, EMOC's probabilities those of the candidate."""
     apply_fn, params, x_l, y_l, x_p = trained
     ctx = make_ctx(trained, kernel)
+    ctx.relative_to = relative_to
     l2, flips = S.mlmoc_scores(ctx, "l2"), S.mlmoc_scores(ctx, "flips")
     emoc = S.emoc_scores(ctx) if kernel == "pntk" else None  # the eNTK's EMOC is slow on 2 cores
     kern = S.KERNELS[kernel]
@@ -121,18 +125,61 @@ def test_mlmoc_scores_match_direct_lookahead_reference(trained, kernel):
     f_l, f_s = np.asarray(apply_fn(params, x_l)), np.asarray(apply_fn(params, x_p))
     y_onehot = np.eye(10)[y_l]
     f_lin = lookahead.kernel_regression(k_ll, y_onehot, k_sl, f_train=f_l, f_test=f_s)
+    ref = f_s if relative_to == "network" else f_lin
     probs = S.softmax(f_s)
     for j in ((0, 5, 17, 42) if kernel == "pntk" else (3, 42)):
         def after(label):
             return lookahead.lookahead_predictions(k_ll, y_onehot, k_sl[j], k_ss[j, j], label, k_sl,
                                                    k_ss[:, j], f_train=f_l, f_cand=f_s[j], f_test=f_s)
-        f_plus = after(np.eye(10)[np.argmax(f_s[j])])
-        np.testing.assert_allclose(l2[j], np.linalg.norm(f_plus - f_lin, axis=1).sum(), rtol=1e-6)
-        assert flips[j] == np.sum(np.argmax(f_plus, 1) != np.argmax(f_lin, 1))
+        f_plus = after(np.eye(10)[np.argmax(ref[j])])
+        np.testing.assert_allclose(l2[j], np.linalg.norm(f_plus - ref, axis=1).sum(), rtol=1e-6)
+        assert flips[j] == np.sum(np.argmax(f_plus, 1) != np.argmax(ref, 1))
         if emoc is None:
             continue
-        ref = sum(probs[j, c] * np.linalg.norm(after(np.eye(10)[c]) - f_lin, axis=1).sum() for c in range(10))
-        np.testing.assert_allclose(emoc[j], ref, rtol=1e-6)
+        want = sum(probs[j, c] * np.linalg.norm(after(np.eye(10)[c]) - ref, axis=1).sum() for c in range(10))
+        np.testing.assert_allclose(emoc[j], want, rtol=1e-6)
+
+
+def test_simplex_projection_is_the_closest_distribution():
+    """Against the KKT conditions of min ||p - y||^2 on the simplex and a bisection on lambda."""
+    rng = np.random.default_rng(0)
+    y = np.concatenate([rng.normal(size=(200, 7)), rng.normal(size=(50, 7)) * 5,
+                        np.eye(7)[rng.integers(0, 7, 20)] + 0.1 * rng.normal(size=(20, 7))])
+    p = S.simplex_projection(y)
+    assert np.all(p >= 0) and np.allclose(p.sum(1), 1.0)
+    for yi, pi in zip(y, p):
+        lo, hi = -np.max(yi), 1.0 - np.min(yi)  # sum max(y + lam, 0) = 1 is increasing in lam
+        for _ in range(200):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if np.maximum(yi + mid, 0).sum() < 1 else (lo, mid)
+        np.testing.assert_allclose(pi, np.maximum(yi + lo, 0), atol=1e-9)
+    # square-loss outputs near a corner stay there; softmax flattens them
+    f = np.array([[0.9, 0.05, 0.02, -0.03, 0.0, 0.01, 0.0, -0.02, 0.03, 0.0]])
+    assert S.simplex_projection(f)[0, 0] > 0.85 and S.softmax(f)[0, 0] < 0.25
+
+
+def test_infinite_and_one_step_proxies(trained):
+    """The infinite-width proxies use the MLP's own analytic kernels; the one-step-SGD proxy is
+    the first-order change of one real SGD step on the candidate."""
+    from ntk_tutorial import kernels
+
+    apply_fn, params, x_l, y_l, x_p = trained
+    for proxy, fn in (("infinite-ntk", kernels.infinite_ntk), ("gp", kernels.infinite_nngp)):
+        ctx = make_ctx(trained)
+        ctx.proxy = proxy
+        setup = S.lookahead_setup(ctx)
+        np.testing.assert_allclose(setup.k_pool_pool, fn(x_p, depth=1), rtol=1e-7)
+        want = lookahead.kernel_regression(fn(x_l, depth=1), np.eye(10)[y_l], fn(x_p, x_l, depth=1))
+        np.testing.assert_allclose(setup.prediction, want, rtol=1e-6, atol=1e-9)
+    ctx = make_ctx(trained, "entk")
+    ctx.proxy, ctx.lr = "one-step-sgd", 1e-4
+    y = np.eye(10)[np.argmax(ctx.logits, 1)]
+    change = S.lookahead_change(ctx, y, None)
+    j = 7
+    grads = jax.grad(lambda p: 0.5 * jnp.sum((apply_fn(p, x_p[j:j + 1]) - y[j]) ** 2))(params)
+    stepped = jax.tree.map(lambda a, g: a - ctx.lr * g, params, grads)
+    real = np.asarray(apply_fn(stepped, x_p)) - ctx.logits
+    np.testing.assert_allclose(change[j], real, rtol=1e-3, atol=1e-9)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,6 +233,50 @@ def test_corrupt_file_and_config_mismatch_are_detected(tmp_path):
         R.read_results(path)
 
 
+@pytest.mark.parametrize("strategy", ["mlmoc", "mlmoc-flips"])
+def test_sequential_mode_is_the_released_selection(tmp_path, strategy, digits):
+    """Sequential querying against a naive re-implementation of the released
+    ``sequential_selection``: per pick, refit the proxy on L + the picks (true labels) by a direct
+    solve, score every unpicked candidate by a direct solve of Eq. (11) with the pseudo-label
+    arg-max of the current proxy, measured from the current proxy and summed over all of S."""
+    cfg = R.config_from_preset(None, **TINY, strategy=strategy, cycles=1, mode="sequential")
+    assert cfg.relative_to == "proxy"
+    rec = R.run_experiment(cfg, tmp_path)[0]
+    ds = R.load_data(cfg)
+    apply_fn, params = R.build_model(cfg, 64, 10)
+    params, _ = R._load_params(R._params_path(R.results_path(tmp_path, cfg), 0), R._state(apply_fn, params))
+    lab = np.asarray(rec["labelled"])
+    rng = np.random.default_rng([cfg.seed, 0, 0x5B])
+    cand = np.sort(rng.choice(np.setdiff1d(np.arange(len(ds.x_train)), lab), cfg.subset, replace=False))
+    x_all = jnp.asarray(np.concatenate([ds.x_train[lab], ds.x_train[cand]]))
+    k_all = np.asarray(S.KERNELS["pntk"](apply_fn, params, x_all), np.float64)
+    f_all = np.asarray(apply_fn(params, x_all), np.float64)
+    n, eye = len(lab), np.eye(10)
+    train_pos, y_train = list(range(n)), list(eye[ds.y_train[lab]])
+    pool = np.arange(n, n + len(cand))
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(cfg.seed), 0), 1)
+    picks = []
+    for step in range(cfg.query):
+        t = np.asarray(train_pos)
+        ref = lookahead.kernel_regression(k_all[np.ix_(t, t)], np.asarray(y_train), k_all[np.ix_(pool, t)],
+                                          f_train=f_all[t], f_test=f_all[pool])
+        scores = np.full(len(pool), -np.inf)
+        for c in range(len(pool)):
+            if c in picks:
+                continue
+            t2 = np.concatenate([t, [pool[c]]])
+            y2 = np.concatenate([np.asarray(y_train), eye[[np.argmax(ref[c])]]])
+            after = lookahead.kernel_regression(k_all[np.ix_(t2, t2)], y2, k_all[np.ix_(pool, t2)],
+                                                f_train=f_all[t2], f_test=f_all[pool])
+            scores[c] = (np.linalg.norm(after - ref, axis=1).sum() if strategy == "mlmoc"
+                         else np.sum(np.argmax(after, 1) != np.argmax(ref, 1)))
+        c = int(S.top_b(scores, 1, jax.random.fold_in(key, step))[0])
+        picks.append(c)
+        train_pos.append(pool[c])
+        y_train.append(eye[ds.y_train[cand[c]]])  # the true label
+    assert rec["queried"] == [int(cand[c]) for c in picks]
+
+
 def test_sequential_and_hybrid_modes(tmp_path):
     for mode in ("sequential", "hybrid"):
         cfg = R.config_from_preset(None, **TINY, strategy="mlmoc", cycles=2, mode=mode, step=2,
@@ -201,17 +292,23 @@ def test_sequential_and_hybrid_modes(tmp_path):
 def test_presets_keep_paper_numbers_and_build_the_paper_models():
     from ntk_tutorial import models
 
-    assert {"cpu-digits", "cpu-mnist-5k", "mnist", "svhn", "cifar10", "cifar100"} <= set(R.PRESETS)
+    assert {"cpu-digits", "demo-mnist-5k", "cpu-mnist-5k", "mnist", "svhn", "cifar10", "cifar100"} <= set(R.PRESETS)
     got = {p: (R.PRESETS[p]["init"], R.PRESETS[p]["query"], R.PRESETS[p]["subset"], R.PRESETS[p]["model"])
            for p in ("mnist", "svhn", "cifar10", "cifar100")}
-    assert got == {"mnist": (100, 20, 4000, "mlp"), "svhn": (1000, 1000, 6000, "wrn-1block"),
-                   "cifar10": (1000, 1000, 6000, "wrn-2block"), "cifar100": (10000, 1000, 6000, "resnet18")}
-    blocks = {"svhn": 1, "cifar10": 2}
-    for name, classes in (("svhn", 10), ("cifar10", 10)):
-        apply_fn, params = R.build_model(R.config_from_preset(name), 3072, classes, (32, 32, 3))
+    assert got == {"mnist": (100, 20, 4000, "wrn"), "svhn": (1000, 1000, 6000, "wrn"),
+                   "cifar10": (1000, 1000, 6000, "wrn"), "cifar100": (10000, 1000, 6000, "resnet18")}
+    # "one- or two-layer WideResNet with maximum width 640": the released structure's widest stage
+    for name, stages, image in (("mnist", 1, (28, 28, 1)), ("svhn", 1, (32, 32, 3)), ("cifar10", 2, (32, 32, 3))):
+        cfg = R.config_from_preset(name)
+        apply_fn, params = R.build_model(cfg, int(np.prod(image)), 10, image)
         model = nnx.merge(apply_fn.graphdef, apply_fn.state, apply_fn.rest)
-        assert isinstance(model, models.WideResNet) and len(model.layers) == 3 * blocks[name]
+        assert isinstance(model, models.LookaheadWRN) and model.stages == stages
+        assert params["head"]["kernel"].shape == (640, 10) and params["stem"]["kernel"].shape[-1] == 16 * cfg.widen
         assert apply_fn.batch_stats is not None  # batch norm: statistics travel beside the params
+    for name in R.PRESETS:  # every setting of a paper preset says where it comes from
+        rows = R.describe_preset(name)
+        if name in ("mnist", "svhn", "cifar10", "cifar100", "cpu-mnist-5k"):
+            assert all(src in ("paper", "released", "ours") for _, _, src, _ in rows), name
     with pytest.raises(ValueError, match="image_shape"):
         R.build_model(R.config_from_preset("cifar10"), 3072, 10)
     with pytest.raises(ValueError, match="unknown model"):

@@ -14,7 +14,8 @@
      ``retrain_every`` labels (the paper's "sequential querying"; look-ahead strategies only);
    * ``"hybrid"``: the same with ``step`` labels per proxy update (top-``step``).
 
-Every cycle appends one JSON line to ``out_dir/<strategy>_seed<k>.jsonl`` (full configuration,
+Every cycle appends one JSON line to ``out_dir/<run name>_seed<k>.jsonl`` (:func:`run_name`: the
+strategy and what differs from the released protocol; full configuration,
 seed, labelled indices, queried indices, accuracy, timings, package versions) and saves the
 trained parameters of the cycle beside it (``<strategy>_seed<k>.cycleNNN.npz``).  Running again
 resumes after the last complete cycle: the labelled set and the warm-start parameters are
@@ -36,10 +37,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .. import kernels as _kernels
 from .. import lookahead
 from . import strategies as _s
 
 MODES = ("batch", "sequential", "hybrid")
+# batch-norm running statistics after each cycle's training: recomputed on the labelled set
+# with the final parameters, or the exponential moving averages of training
+BN_STATS = ("recompute", "running")
 # configuration fields that may differ between runs appending to the same file
 NOT_COMPARED = ("cycles",)
 
@@ -65,7 +70,9 @@ class ALConfig:
     cycles: int = 5
     model: str = "mlp"
     hidden: tuple = (256,)
-    widen: int = 2  # wide ResNets: widening factor k of WRN-(6n+4)-k
+    stages: int = 1  # wrn: stages of the released Wide_ResNet (its num_layers)
+    depth: int = 10  # wrn: depth 6n + 4, n blocks per stage
+    widen: int = 20  # wrn: widening factor k (channels 16k, then 32k, 64k, 128k per stage)
     width: int = 64  # ResNet18: channels of the first stage
     dropout: float = 0.0
     loss: str = "mse"
@@ -77,6 +84,10 @@ class ALConfig:
     kernel: str = "pntk"
     ridge: float = 0.0
     mc_samples: int = 20
+    relative_to: str | None = None  # None: "network" in batch mode, "proxy" otherwise (as released)
+    proxy: str = "linearised"
+    probabilities: str | None = None  # None: "simplex" for EMOC under the square loss, else softmax
+    bn_stats: str = "recompute"
     mode: str = "batch"
     step: int = 1
     retrain_every: int = 0
@@ -89,6 +100,21 @@ class ALConfig:
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.relative_to is None:
+            object.__setattr__(self, "relative_to", "network" if self.mode == "batch" else "proxy")
+        if self.probabilities is None:
+            object.__setattr__(self, "probabilities",
+                               "simplex" if self.strategy == "emoc" and self.loss == "mse" else "softmax")
+        for name, allowed in (("relative_to", _s.REFERENCES), ("proxy", _s.PROXIES),
+                              ("probabilities", _s.PROBABILITIES), ("bn_stats", BN_STATS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.proxy != "linearised" and self.strategy not in _s.LOOKAHEAD:
+            raise ValueError(f"proxy={self.proxy!r} is an approximation of retraining for the look-ahead "
+                             f"strategies ({', '.join(_s.LOOKAHEAD)}), not for {self.strategy!r}")
+        if self.proxy != "linearised" and self.mode != "batch":
+            raise ValueError(f"proxy={self.proxy!r} runs in batch mode only; sequential querying "
+                             "conditions the linearised network's posterior")
         _s.get(self.strategy)
         if self.model not in MODELS:
             raise ValueError(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}")
@@ -122,31 +148,130 @@ class ALConfig:
         return cls(**d)
 
 
-# Paper protocols (Mohamadi, Bae & Sutherland 2022, Sec. 5) and two CPU-sized ones.
+# Paper protocols (Mohamadi, Bae & Sutherland 2022, Sec. 5), a CPU stand-in of the MNIST one with
+# the paper's model family, and two fast demos.  PROVENANCE says where each setting comes from.
+_RELEASED_SGD = dict(lr=0.3, momentum=0.9, weight_decay=1e-4, batch_size=128, epochs=200)
 PRESETS: dict[str, dict] = {
-    # digits: raw pixels / 16 ("standardize" blows up near-constant border pixels of test images)
+    # tiny: the tests and quick looks (sklearn's 8x8 digits; raw pixels / 16)
     "cpu-digits": dict(dataset="digits", init=20, query=10, subset=300, cycles=5, hidden=(256,),
                        lr=2.0, epochs=200, normalize="none"),
-    # raw pixels in [0, 1] and lr 5: per-pixel standardisation blows up rare pixels, and with
-    # lr 0.5 the MLP reached only 20-35% at 100 labels (notebook 04 measured ~56% with these)
-    "cpu-mnist-5k": dict(dataset="mnist-5k", init=100, query=20, subset=4000, cycles=10,
-                         hidden=(512, 512), lr=5.0, epochs=100, normalize="none"),
-    "mnist": dict(dataset="mnist", init=100, query=20, subset=4000, cycles=10, model="mlp",
-                  hidden=(512, 512), lr=5.0, epochs=100, normalize="none"),
-    # the image protocols: init/query/subset/model from the paper; the optimiser (SGD with
-    # momentum, lr 0.1, weight decay 5e-4, 50 warm-started epochs per cycle, batch 128) and the
-    # WRN widening factor 2 are this package's choices (not in our notes of the paper)
-    "svhn": dict(dataset="svhn", init=1000, query=1000, subset=6000, cycles=10, model="wrn-1block",
-                 lr=0.1, epochs=50, batch_size=128, momentum=0.9, weight_decay=5e-4),
-    "cifar10": dict(dataset="cifar10", init=1000, query=1000, subset=6000, cycles=10,
-                    model="wrn-2block", lr=0.1, epochs=50, batch_size=128, momentum=0.9, weight_decay=5e-4),
+    # the fast offline demo: an MLP on mnist-5k, full-batch GD (minutes for every strategy)
+    "demo-mnist-5k": dict(dataset="mnist-5k", init=100, query=20, subset=4000, cycles=10,
+                          hidden=(512, 512), lr=5.0, epochs=100, normalize="none"),
+    # the paper's MNIST protocol on the offline digits with a narrow one-stage WRN (CPU hours)
+    "cpu-mnist-5k": dict(dataset="mnist-5k", init=100, query=20, subset=4000, cycles=10, model="wrn",
+                         stages=1, depth=10, widen=1, normalize="none", **_RELEASED_SGD),
+    "mnist": dict(dataset="mnist", init=100, query=20, subset=4000, cycles=10, model="wrn", stages=1,
+                  depth=10, widen=20, normalize="none", **_RELEASED_SGD),
+    "svhn": dict(dataset="svhn", init=1000, query=1000, subset=6000, cycles=10, model="wrn", stages=1,
+                 depth=10, widen=20, **_RELEASED_SGD),
+    "cifar10": dict(dataset="cifar10", init=1000, query=1000, subset=6000, cycles=10, model="wrn",
+                    stages=2, depth=10, widen=10, **_RELEASED_SGD),
     "cifar100": dict(dataset="cifar100", init=10000, query=1000, subset=6000, cycles=10,
-                     model="resnet18", lr=0.1, epochs=50, batch_size=128, momentum=0.9, weight_decay=5e-4),
+                     model="resnet18", **_RELEASED_SGD),
 }
-# mlp: MLP(hidden); cnn: the small CNN of ntk_tutorial.models; wrn-1block / wrn-2block:
-# WRN-10-k / WRN-16-k (k = widen); resnet18: ResNet18 (first-stage channels = width)
-MODELS = ("mlp", "cnn", "wrn-1block", "wrn-2block", "resnet18")
-IMAGE_MODELS = ("cnn", "wrn-1block", "wrn-2block", "resnet18")
+
+# Where every setting of the paper presets comes from: "paper" (Sec. 5 of the paper), "released"
+# (the authors' code, mohamad-amin/ntk-lookahead-active-learning: its defaults or its example
+# config configs/cifar_resnet18.yml) or "ours" (a choice of this package, with the reason).
+_PAPER_PROTOCOL = {
+    "init": ("paper", "initial labels: 100 (MNIST), 1 000 (SVHN, CIFAR-10), 10 000 (CIFAR-100)"),
+    "query": ("paper", "labels per cycle: 20 (MNIST), 1 000 (others)"),
+    "subset": ("paper", "random pool subset scored per cycle: 4 000 (MNIST), 6 000 (others)"),
+    "cycles": ("released", "10 (the released default; the paper's MNIST figures show 10 cycles)"),
+    "mode": ("released", "batch top-b, no diversity term (the released default); sequential "
+                         "querying (Sec. 5.3, Fig. 3a) is --mode sequential"),
+    "step": ("released", "1: sequential querying picks one label at a time"),
+    "retrain_every": ("released", "0: in sequential mode SGD retrains once per cycle"),
+    "proxy": ("released", "the network linearised at its trained parameters (Eq. 11)"),
+    "data_seed": ("ours", "the train/test split of the offline and downloaded sets"),
+    "n_train": ("paper", "the whole training set is the pool"),
+    "n_test": ("paper", "the whole test set"),
+    "model": ("paper", "one-stage WRN (MNIST, SVHN), two-stage WRN (CIFAR-10), ResNet18 (CIFAR-100)"),
+    "stages": ("paper", "'WideResNet with one or two layers' = the released code's num_layers"),
+    "depth": ("ours", "not stated by the paper; 10 (one block per stage) is the smallest such network"),
+    "widen": ("paper", "'maximum width of 640': k = 20 with one stage, 10 with two (64k = 640)"),
+    "loss": ("released", "square loss on one-hot labels (criterion l2)"),
+    "lr": ("released", "0.3 (example config); the released schedule is one-cycle (max 1.25), "
+                       "ours constant: no schedule is implemented"),
+    "momentum": ("released", "0.9"),
+    "weight_decay": ("released", "1e-4"),
+    "batch_size": ("released", "128"),
+    "epochs": ("released", "200 per cycle (the released default), warm-started across cycles"),
+    "kernel": ("released", "pNTK: sum of logits / sqrt(k) (apply_fn_trace, trace_axes [-1])"),
+    "ridge": ("ours", "0 plus the smallest jitter that lets Cholesky succeed; the released code adds "
+                      "1e-5 x mean diagonal from cycle 5 (+1e-5 per cycle), not implemented"),
+    "relative_to": ("released", "batch: flips counted against the network's arg-max; sequential: "
+                                "against the current proxy"),
+    "probabilities": ("released", "simplex projection of square-loss outputs for EMOC"),
+    "bn_stats": ("ours", "running statistics recomputed on the labelled set after training (the "
+                         "released adjust_batchnorm_stats, default on in its code, off in its example "
+                         "config, averages over the whole training set): with 100-300 labels the "
+                         "moving averages lag and the network in evaluation mode fits L badly"),
+    "normalize": ("released", "MNIST pixels in [0, 1] (mean 0, std 1); CIFAR/SVHN: the loader's "
+                              "per-pixel standardisation, the released code uses per-channel means"),
+    "dataset": ("paper", "full MNIST (60 000 pool, 10 000 test), SVHN, CIFAR-10, CIFAR-100; no "
+                         "augmentation here (the released CIFAR config flips and crops)"),
+}
+PROVENANCE: dict[str, dict[str, tuple[str, str]]] = {
+    "mnist": _PAPER_PROTOCOL, "svhn": _PAPER_PROTOCOL, "cifar10": _PAPER_PROTOCOL,
+    "cifar100": {**_PAPER_PROTOCOL, "width": ("released", "64: ResNet18's standard widths")},
+    "cpu-mnist-5k": {
+        **_PAPER_PROTOCOL,
+        "dataset": ("ours", "mnist-5k: the 5 000 real MNIST digits that ship offline (4 000 pool, "
+                            "1 000 test) instead of full MNIST; subset 4 000 is then the whole pool"),
+        "widen": ("ours", "1 (widths 16/32) instead of 20 (320/640), so that 6 seeds x 10 cycles of "
+                          "MLMOC and random run on a 2-core CPU in hours; the paper's family"),
+    },
+    "demo-mnist-5k": {
+        **_PAPER_PROTOCOL,
+        "dataset": ("ours", "mnist-5k: the 5 000 real MNIST digits that ship offline (4 000 pool, "
+                            "1 000 test); subset 4 000 is then the whole pool"),
+        "model": ("ours", "an MLP 784-512-512-10, not the paper's network: the fast offline demo"),
+        "hidden": ("ours", "two hidden layers of 512 (NTK parameterisation, ReLU)"),
+        "lr": ("ours", "5 with full-batch GD on the mean square loss (at 0.5 the MLP does not fit L)"),
+        "epochs": ("ours", "100 full-batch steps per cycle, warm-started"),
+        "batch_size": ("ours", "full batch (GD): the labelled set is 100-280 points"),
+        "momentum": ("ours", "plain GD"), "weight_decay": ("ours", "none"),
+        "normalize": ("ours", "pixels in [0, 1]: standardising near-constant border pixels blows up"),
+    },
+    "cpu-digits": {"dataset": ("ours", "sklearn's 8x8 digits: a tiny set for tests and quick looks")},
+}
+
+
+def describe_preset(name: str) -> list[tuple[str, str, str, str]]:
+    """``(field, value, source, note)`` for every configuration field of preset ``name``:
+    ``source`` is ``"paper"``, ``"released"``, ``"ours"`` or ``"default"`` (a field the preset
+    does not set and nobody chose: the :class:`ALConfig` default, or the strategy's own)."""
+    cfg = config_from_preset(name).to_dict()
+    notes = PROVENANCE.get(name, {})
+    unused = {"strategy", "seed", "dropout", "mc_samples"}  # per run (BALD sets dropout)
+    unused |= {"mlp": {"stages", "depth", "widen", "width", "bn_stats"}, "wrn": {"hidden", "width"},
+               "resnet18": {"hidden", "stages", "depth", "widen"}}.get(cfg["model"], {"hidden", "stages",
+                                                                                    "depth", "widen", "width"})
+    shown = {"relative_to": "network in batch mode, proxy in sequential mode",
+             "probabilities": "simplex for EMOC under the square loss, softmax otherwise"}
+    rows = []
+    for key, value in cfg.items():
+        if key in unused:
+            continue
+        source, note = notes.get(key, ("default", ""))
+        rows.append((key, shown.get(key, json.dumps(value)), source, note))
+    return rows
+
+
+def format_preset(name: str) -> str:
+    """The table ``ntk-tutorial al --preset NAME --show`` prints (and the README shows)."""
+    rows = describe_preset(name)
+    lines = [f"preset {name}", "", "| setting | value | source | why |", "|---|---|---|---|"]
+    lines += [f"| `{k}` | `{v}` | {src} | {note} |" for k, v, src, note in rows]
+    return "\n".join(lines)
+
+
+# mlp: MLP(hidden); cnn: the small CNN of ntk_tutorial.models; wrn: the released code's wide
+# ResNet (models.LookaheadWRN: stages, depth, widen); resnet18: ResNet18 (first-stage channels = width)
+MODELS = ("mlp", "cnn", "wrn", "resnet18")
+IMAGE_MODELS = ("cnn", "wrn", "resnet18")
 
 
 def config_from_preset(preset: str | None = None, **overrides) -> ALConfig:
@@ -160,8 +285,35 @@ def config_from_preset(preset: str | None = None, **overrides) -> ALConfig:
     return ALConfig.from_dict(base)
 
 
-def results_path(out_dir: str | os.PathLike, strategy: str, seed: int) -> Path:
-    return Path(out_dir) / f"{strategy}_seed{seed}.jsonl"
+def run_name(config: ALConfig) -> str:
+    """The name of a run's curve and file: the strategy, then ``+``-joined what differs from the
+    released protocol's defaults (``mlmoc-flips+sequential``, ``mlmoc-flips+gp``,
+    ``mlmoc+from-proxy``, ``mlmoc+entk``), so variants of one strategy share a results folder."""
+    parts = [config.strategy]
+    if config.mode == "sequential":
+        parts.append("sequential")
+    elif config.mode == "hybrid":
+        parts.append(f"hybrid{config.step}")
+    if config.retrain_every:
+        parts.append(f"retrain{config.retrain_every}")
+    if config.proxy != "linearised":
+        parts.append(config.proxy)
+    if config.relative_to != ("network" if config.mode == "batch" else "proxy"):
+        parts.append(f"from-{config.relative_to}")
+    if config.kernel != "pntk" and config.strategy in _s.LOOKAHEAD:
+        parts.append(config.kernel)
+    if config.probabilities != ("simplex" if config.strategy == "emoc" and config.loss == "mse" else "softmax"):
+        parts.append(config.probabilities)
+    return "+".join(parts)
+
+
+def results_path(out_dir: str | os.PathLike, config: ALConfig | str, seed: int | None = None) -> Path:
+    """``out_dir/<run name>_seed<k>.jsonl`` for a configuration (or a run name and a seed)."""
+    if isinstance(config, ALConfig):
+        name, seed = run_name(config), config.seed if seed is None else seed
+    else:
+        name = config
+    return Path(out_dir) / f"{name}_seed{seed}.jsonl"
 
 
 def _params_path(jsonl: Path, cycle: int) -> Path:
@@ -193,9 +345,9 @@ def build_model(config: ALConfig, in_dim: int, num_classes: int, image_shape=Non
         if config.dropout > 0:
             raise ValueError("the small CNN has no dropout; use a wide ResNet or ResNet18 for BALD")
         model = models.CNN(image_shape, num_classes, rngs=rngs)
-    elif config.model.startswith("wrn-"):
-        model = models.WideResNet(image_shape, num_classes, blocks=int(config.model[4]), widen=config.widen,
-                                  dropout=config.dropout, rngs=rngs)
+    elif config.model == "wrn":
+        model = models.LookaheadWRN(image_shape, num_classes, stages=config.stages, depth=config.depth,
+                                    widen=config.widen, dropout=config.dropout, rngs=rngs)
     else:
         model = models.ResNet18(image_shape, num_classes, width=config.width, dropout=config.dropout,
                                 rngs=rngs)
@@ -314,48 +466,58 @@ def _train(apply_fn, params, x, y, config: ALConfig, key):
     bs = None if config.batch_size is None else min(int(config.batch_size), len(x))
     res = train(apply_fn, params, x, y, lr=config.lr, epochs=config.epochs, loss=config.loss,
                 batch_size=bs, momentum=config.momentum, weight_decay=config.weight_decay,
-                dropout=config.dropout > 0, key=key if stochastic else None)
+                dropout=config.dropout > 0, key=key if stochastic else None,
+                recompute_stats=config.bn_stats == "recompute")
     return res.apply_fn, res.params
 
 
-def _sequential_query(apply_fn, params, config, ds, labelled, cand, key):
-    """Add ``config.query`` labels through the proxy, ``step`` at a time; retrain every
-    ``retrain_every`` labels.  Returns ``(queried train indices, apply_fn, params)``."""
+def _sequential_query(apply_fn, params, config, ds, labelled, cand, key, timings: dict | None = None):
+    """Add ``config.query`` labels one (``step``) at a time through the proxy, as the released
+    code's ``sequential_selection``: each pick is the top score on the current proxy, gets its
+    true label, and the proxy's posterior over the candidates is conditioned on it
+    (:func:`lookahead.condition`, no SGD); picked points stay in the set the change is summed
+    over but are not picked again.  With ``retrain_every`` the network is retrained by SGD every
+    that many labels and the kernel recomputed; by default SGD runs once per cycle.
+    Returns ``(queried train indices, apply_fn, params)``."""
     k = ds.num_classes
     kern = _s.KERNELS[config.kernel]
     eye = np.eye(k)
+    objective = _s.LOOKAHEAD[config.strategy]
     queried: list[int] = []
-    remaining = list(cand)
     n_retrain = 0
     while len(queried) < config.query:
         lab = np.asarray(list(labelled) + queried)
-        rem = np.asarray(remaining)
-        x_all = jnp.asarray(np.concatenate([ds.x_train[lab], ds.x_train[rem]]))
+        pool = np.asarray([i for i in cand if i not in set(queried)])
+        m = len(pool)
+        size = m * (k if config.kernel == "entk" else 1)
+        need, have = 3 * 8 * size**2, _kernels.available_memory()
+        if need > 0.8 * have:
+            raise ValueError(f"sequential querying keeps the posterior covariance of the {m} candidates "
+                             f"({need / 2**30:.1f} GiB with kernel {config.kernel!r}) but {have / 2**30:.1f} GiB "
+                             "is available: use --kernel pntk or a smaller --subset")
+        x_all = jnp.asarray(np.concatenate([ds.x_train[lab], ds.x_train[pool]]))
+        start = time.perf_counter()
         k_all = np.asarray(kern(apply_fn, params, x_all), np.float64)
+        if timings is not None:
+            timings["kernel_s"] = timings.get("kernel_s", 0.0) + time.perf_counter() - start
         f_all = _s._logits(apply_fn, params, x_all)
         n = len(lab)
-        pos_l = list(range(n))
-        proxy = lookahead.fit_proxy(k_all[:n][:, :n], eye[ds.y_train[lab]], f_all[:n], ridge=config.ridge)
-        pool = list(range(n, len(lab) + len(rem)))
+        proxy = lookahead.fit_proxy(k_all[:n, :n], eye[ds.y_train[lab]], f_all[:n], ridge=config.ridge)
+        post = lookahead.pool_posterior(proxy, k_all[n:, :n], k_all[n:, n:], f_all[n:])
+        del k_all
         block = config.query - len(queried)
         if config.retrain_every:
             block = min(block, config.retrain_every - len(queried) % config.retrain_every)
-        added = 0
-        while added < block:
-            s = min(config.step, block - added)
-            p = np.asarray(pool)
-            scores = _s.proxy_scores(proxy, k_all[p][:, pos_l], k_all[p][:, p], f_all[p],
-                                     _s.LOOKAHEAD[config.strategy])
-            pick = p[_s.top_b(scores, s, jax.random.fold_in(key, len(queried) + added))]
-            yn = eye[ds.y_train[np.concatenate([lab, rem])[pick]]]
-            proxy = lookahead.sequential_update(proxy, k_all[pick][:, pos_l], k_all[pick][:, pick], yn,
-                                                f_all[pick])
-            pos_l += [int(i) for i in pick]
-            pool = [i for i in pool if i not in set(pick.tolist())]
-            added += s
-        new = [int(np.concatenate([lab, rem])[i]) for i in pos_l[n:]]
-        queried += new
-        remaining = [i for i in remaining if i not in set(new)]
+        picked: list[int] = []
+        while len(picked) < block:
+            s = min(config.step, block - len(picked))
+            scores = _s.posterior_scores(post, objective, network=f_all[n:], relative_to=config.relative_to,
+                                         probabilities_how=config.probabilities)
+            scores[picked] = -np.inf  # picked points stay in the sum, but are not picked again
+            pick = _s.top_b(scores, s, jax.random.fold_in(key, len(queried) + len(picked)))
+            post = lookahead.condition(post, pick, eye[ds.y_train[pool[pick]]])  # true labels
+            picked += [int(i) for i in pick]
+        queried += [int(pool[i]) for i in picked]
         if len(queried) < config.query:  # SGD retraining every retrain_every labels
             lab2 = np.asarray(list(labelled) + queried)
             apply_fn, params = _train(apply_fn, params, ds.x_train[lab2], ds.y_train[lab2], config,
@@ -376,7 +538,7 @@ def run_experiment(config: ALConfig | dict, out_dir: str | os.PathLike, *,
         config = ALConfig.from_dict(config)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = results_path(out_dir, config.strategy, config.seed)
+    path = results_path(out_dir, config)
     records = read_results(path, config, repair=True)
     if len(records) >= config.cycles:
         return records
@@ -421,12 +583,16 @@ def run_experiment(config: ALConfig | dict, out_dir: str | os.PathLike, *,
         if config.mode == "batch":
             ctx = _s.Context(apply_fn, params, ds.x_train[lab], ds.y_train[lab], ds.x_train[cand],
                              ds.num_classes, kernel=config.kernel, ridge=config.ridge,
-                             mc_samples=config.mc_samples)
+                             mc_samples=config.mc_samples, relative_to=config.relative_to,
+                             proxy=config.proxy, probabilities=config.probabilities, lr=config.lr)
             queried = cand[_s.select(config.strategy, ctx, budget, jax.random.fold_in(ckey, 1))]
+            kernel_s = ctx.timings.get("kernel_s", 0.0)
         else:
             step_cfg = replace(config, step=1) if config.mode == "sequential" else config
+            timings: dict = {}
             queried, apply_fn, params = _sequential_query(apply_fn, params, step_cfg, ds, lab, cand,
-                                                          jax.random.fold_in(ckey, 1))
+                                                          jax.random.fold_in(ckey, 1), timings)
+            kernel_s = timings.get("kernel_s", 0.0)
         t3 = time.perf_counter()
         rec = {
             "cycle": cycle,
@@ -436,7 +602,8 @@ def run_experiment(config: ALConfig | dict, out_dir: str | os.PathLike, *,
             "accuracy": float(acc),
             "labelled": [int(i) for i in lab],
             "queried": [int(i) for i in queried],
-            "timings": {"train_s": t1 - t0, "evaluate_s": t2 - t1, "query_s": t3 - t2, "total_s": t3 - t0},
+            "timings": {"train_s": t1 - t0, "evaluate_s": t2 - t1, "query_s": t3 - t2, "kernel_s": kernel_s,
+                        "total_s": t3 - t0},
             "config": config.to_dict(),
             "versions": vers,
         }

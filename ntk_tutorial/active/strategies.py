@@ -16,19 +16,37 @@ scores, with no diversity term; ties are broken at random (from ``key``).
 ``badge``          k-means++ seeding on last-layer gradient embeddings ``(p - e_yhat) (x) h``
 ``coreset``        greedy k-center on penultimate features (centres start at the labelled set)
 ``mlmoc``          Eq. 13 of Mohamadi, Bae & Sutherland 2022: ``sum_{x in S} ||Delta f(x)||_2``
-                   for the pseudo-label ``argmax f_L(x')``, through :func:`lookahead.posterior_change`
+                   for the pseudo-label of x', through :func:`lookahead.posterior_change`
 ``mlmoc-flips``    the released code's objective: how many pool predictions flip their arg-max
-``emoc``           expectation of the MLMOC score over ``y' ~ softmax(f_L(x'))``
+``emoc``           expectation of the MLMOC score over ``y' ~ p(. | x')``
 =================  ==========================================================================
 
 The MLMOC family computes the kernel (``ctx.kernel``: ``"pntk"`` default, ``"entk"``,
 ``"trace"``) at the trained parameters on ``L u S`` once, fits the retraining proxy on ``L``
 (:func:`lookahead.fit_proxy`, ``f_train`` = the network) and scores every candidate of S with
 the change summed over S (S is both the candidate set and the set summed over, as in the paper).
+
+Two settings say what the change is measured from and which retraining it approximates:
+
+* ``ctx.relative_to``: ``"network"`` (default): ``f_L+ - f_L``, the change from the trained
+  network (Eq. 13's wording; the released code's batch mode counts flips against the network's
+  arg-max); ``"proxy"``: ``f_L+ - f_lin_L``, the change of the linearised model (the released
+  code's sequential mode).  The pseudo-label of a candidate is the arg-max of that reference.
+* ``ctx.proxy`` (:data:`PROXIES`): ``"linearised"`` (default; the network linearised at
+  ``theta_L`` and retrained to convergence, Eq. 11), ``"infinite-ntk"`` (kernel regression with
+  the analytic infinite-width NTK of the MLP), ``"gp"`` (the NNGP posterior mean) or
+  ``"one-step-sgd"`` (one SGD step of rate ``ctx.lr`` on the candidate alone): the proxies of
+  Fig. 1b of the paper.
+
+Probabilities (entropy, margin, BALD, BADGE, EMOC's expectation) are the softmax of the outputs,
+or with ``ctx.probabilities="simplex"`` their Euclidean projection onto the probability simplex
+(:func:`simplex_projection`), which is what the released code uses for a network trained with
+the square loss: the softmax of such outputs is nearly uniform.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -45,6 +63,10 @@ KERNELS: dict[str, Callable] = {
     "entk": _kernels.entk,
     "trace": _kernels.trace_ntk,
 }
+# approximations of retraining inside the look-ahead strategies (Fig. 1b of the paper)
+PROXIES = ("linearised", "infinite-ntk", "gp", "one-step-sgd")
+REFERENCES = ("network", "proxy")
+PROBABILITIES = ("softmax", "simplex")
 
 
 @dataclass
@@ -61,6 +83,11 @@ class Context:
       kernel: ``"pntk"``, ``"entk"`` or ``"trace"`` (MLMOC family).
       ridge: ridge of the retraining proxy (MLMOC family).
       mc_samples: dropout samples T for BALD.
+      relative_to: ``"network"`` or ``"proxy"``: what the look-ahead change is measured from
+        (see the module docstring).
+      proxy: the approximation of retraining, one of :data:`PROXIES`.
+      probabilities: ``"softmax"`` or ``"simplex"`` (see the module docstring).
+      lr: step of the ``"one-step-sgd"`` proxy.
     """
 
     apply_fn: Any
@@ -74,9 +101,18 @@ class Context:
     kernel: str = "pntk"
     ridge: float = 0.0
     mc_samples: int = 20
+    relative_to: str = "network"
+    proxy: str = "linearised"
+    probabilities: str = "softmax"
+    lr: float = 1.0
     cache: dict = field(default_factory=dict, repr=False)
+    timings: dict = field(default_factory=dict, repr=False)  # seconds spent on kernels ("kernel_s")
 
     def __post_init__(self):
+        for name, allowed in (("relative_to", REFERENCES), ("proxy", PROXIES),
+                              ("probabilities", PROBABILITIES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.logits is None:
             self.logits = _logits(self.apply_fn, self.params, self.x_pool)
         if self.labelled_logits is None:
@@ -87,7 +123,8 @@ class Context:
 
     @property
     def probs(self) -> np.ndarray:
-        return softmax(self.logits)
+        """``(m, k)`` class probabilities of the candidates (``self.probabilities``)."""
+        return probabilities(self.logits, self.probabilities)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,6 +162,35 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     z = z - z.max(axis=-1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=-1, keepdims=True)
+
+
+def simplex_projection(y: np.ndarray) -> np.ndarray:
+    """Euclidean projection of each row of ``y`` onto the probability simplex.
+
+    ``argmin_p ||p - y||_2`` subject to ``p >= 0, sum p = 1`` (Wang & Carreira-Perpinan 2013,
+    arXiv:1309.1541; the released look-ahead code's ``project_into_probability_simplex``): with
+    ``u`` the row sorted in decreasing order, ``rho = max{j : u_j + (1 - sum_{i<=j} u_i) / j > 0}``
+    and ``lambda = (1 - sum_{i<=rho} u_i) / rho``, ``p = max(y + lambda, 0)``.  The outputs of
+    a network trained on one-hot targets with the square loss already lie near the simplex's
+    corners; this keeps them there, where a softmax would make them nearly uniform.
+    """
+    y = np.asarray(y, np.float64)
+    k = y.shape[-1]
+    u = -np.sort(-y, axis=-1)
+    css = np.cumsum(u, axis=-1)
+    j = np.arange(1, k + 1)
+    rho = np.sum(u + (1.0 - css) / j > 0, axis=-1, keepdims=True)  # the condition holds for j <= rho
+    lam = (1.0 - np.take_along_axis(css, rho - 1, axis=-1)) / rho
+    return np.maximum(y + lam, 0.0)
+
+
+def probabilities(logits: np.ndarray, how: str = "softmax") -> np.ndarray:
+    """Class probabilities from network outputs: ``"softmax"`` or ``"simplex"`` (projection)."""
+    if how == "softmax":
+        return softmax(logits)
+    if how == "simplex":
+        return simplex_projection(logits)
+    raise ValueError(f"probabilities must be one of {PROBABILITIES}, got {how!r}")
 
 
 def entropy(p: np.ndarray) -> np.ndarray:
@@ -229,55 +295,143 @@ def k_center_greedy(pool: np.ndarray, centres: np.ndarray, budget: int) -> np.nd
 # ---------------------------------------------------------------------------------------------
 
 
-def lookahead_setup(ctx: Context):
-    """Kernel on ``L u S`` at the trained parameters and the proxy fitted on ``L``.
+@dataclass(frozen=True)
+class Lookahead:
+    """What the look-ahead strategies share, computed once per round (:func:`lookahead_setup`).
 
-    Returns ``(proxy, k_pool_train, k_pool_pool)``; cached on the context.
+    Attributes:
+      proxy: :func:`lookahead.fit_proxy` on ``L`` (``None`` for ``"one-step-sgd"``).
+      k_pool_train, k_pool_pool: kernel between S and L, and on S (the proxy's kernel).
+      f_pool: the outputs the proxy starts from on S (the network's; zeros for kernel
+        regression with an infinite-width kernel).
+      network: the network's outputs on S.
+      prediction: the proxy's prediction on S before any label is added (``f_lin_L``).
+    """
+
+    proxy: Any
+    k_pool_train: np.ndarray
+    k_pool_pool: np.ndarray
+    f_pool: np.ndarray
+    network: np.ndarray
+    prediction: np.ndarray
+
+
+def _mlp_architecture(ctx: Context) -> dict:
+    """depth, activation, w_std, b_std of an NTK-parameterised MLP (for the infinite kernels)."""
+    apply_fn = ctx.apply_fn
+    if not getattr(apply_fn, "is_dense", False):
+        raise ValueError(f"proxy {ctx.proxy!r} uses the infinite-width kernel of the MLP "
+                         "architecture: use model='mlp' (the infinite kernels of conv nets are not built in)")
+    layers = apply_fn.dense_layers(ctx.params)
+    w, _, cw, cb = layers[0]
+    if cw == 1.0 and cb == 1.0:
+        raise ValueError(f"proxy {ctx.proxy!r} needs an MLP in NTK parameterisation (the default)")
+    return dict(depth=len(layers) - 1, activation=apply_fn.activation,
+                w_std=float(cw * np.sqrt(w.shape[0])), b_std=float(cb))
+
+
+def lookahead_setup(ctx: Context) -> Lookahead:
+    """Kernel on ``L u S`` and the proxy fitted on ``L``, for ``ctx.proxy``; cached on the context.
+
+    ``"linearised"``: ``ctx.kernel`` at the trained parameters, the proxy regressing the residuals
+    ``Y - f_L(X)`` (Eq. 11).  ``"infinite-ntk"`` / ``"gp"``: the analytic infinite-width NTK /
+    NNGP kernel of the MLP, kernel regression on the labels (the mean of an infinitely wide
+    ensemble trained on L / the Gaussian-process posterior mean).  ``"one-step-sgd"``: the
+    network's kernel on S only.
     """
     if "lookahead" in ctx.cache:
         return ctx.cache["lookahead"]
+    start = time.perf_counter()
+    setup = _lookahead_setup(ctx)
+    ctx.timings["kernel_s"] = ctx.timings.get("kernel_s", 0.0) + time.perf_counter() - start
+    ctx.cache["lookahead"] = setup
+    return setup
+
+
+def _lookahead_setup(ctx: Context) -> Lookahead:
     if ctx.kernel not in KERNELS:
         raise ValueError(f"unknown kernel {ctx.kernel!r}; choose one of {sorted(KERNELS)}")
     n = len(ctx.x_labelled)
-    x_all = jnp.asarray(np.concatenate([ctx.x_labelled, ctx.x_pool]))
-    k_all = np.asarray(KERNELS[ctx.kernel](ctx.apply_fn, ctx.params, x_all), np.float64)
-    k_ll, k_sl, k_ss = k_all[:n, :n], k_all[n:, :n], k_all[n:, n:]
     y_l = np.eye(ctx.num_classes)[ctx.y_labelled]
-    proxy = lookahead.fit_proxy(k_ll, y_l, ctx.labelled_logits, ridge=ctx.ridge)
-    ctx.cache["lookahead"] = (proxy, k_sl, k_ss)
-    return ctx.cache["lookahead"]
+    if ctx.proxy == "one-step-sgd":
+        k_ss = np.asarray(KERNELS[ctx.kernel](ctx.apply_fn, ctx.params, jnp.asarray(ctx.x_pool)), np.float64)
+        return Lookahead(None, np.zeros((len(ctx.x_pool), 0)), k_ss, ctx.logits, ctx.logits, ctx.logits)
+    x_all = jnp.asarray(np.concatenate([ctx.x_labelled, ctx.x_pool]))
+    if ctx.proxy == "linearised":
+        k_all = np.asarray(KERNELS[ctx.kernel](ctx.apply_fn, ctx.params, x_all), np.float64)
+        f_train, f_pool = ctx.labelled_logits, ctx.logits
+    else:
+        arch = _mlp_architecture(ctx)
+        fn = _kernels.infinite_ntk if ctx.proxy == "infinite-ntk" else _kernels.infinite_nngp
+        with jax.enable_x64(True):
+            k_all = np.asarray(fn(jnp.asarray(x_all, jnp.float64), **arch), np.float64)
+        f_train, f_pool = None, np.zeros_like(ctx.logits)
+    k_ll, k_sl, k_ss = k_all[:n, :n], k_all[n:, :n], k_all[n:, n:]
+    proxy = lookahead.fit_proxy(k_ll, y_l, f_train, ridge=ctx.ridge)
+    return Lookahead(proxy, k_sl, k_ss, f_pool, ctx.logits, proxy.predict(k_sl, f_pool))
+
+
+def reference_outputs(ctx: Context) -> np.ndarray:
+    """``(m, k)``: what the look-ahead change is measured from (``ctx.relative_to``)."""
+    setup = lookahead_setup(ctx)
+    return setup.network if ctx.relative_to == "network" else setup.prediction
+
+
+def _one_step_change(setup: Lookahead, y_cand: np.ndarray, lr: float, reduce: str | None):
+    """One SGD step of rate ``lr`` on the candidate alone (square loss):
+    ``Delta(x; x') = lr Theta(x, x') (y' - f_L(x'))``, measured from the network."""
+    r = y_cand - setup.network  # (m, k)
+    reduce_fn = None if reduce is None else lookahead.REDUCTIONS[reduce]
+    k_ss = setup.k_pool_pool
+    if reduce_fn is not None and k_ss.ndim == 2:
+        fast = lookahead._scalar_reduce(reduce_fn, np.ascontiguousarray(lr * k_ss), r, setup.network,
+                                        setup.network, np.zeros_like(r))
+        if fast is not None:
+            return fast
+    if k_ss.ndim == 2:
+        change = lr * k_ss[:, :, None] * r[:, None, :]  # (cand, pool, k): Theta symmetric
+    else:
+        change = lr * np.einsum("cxij,cj->cxi", k_ss.transpose(1, 0, 2, 3), r)
+    return change if reduce_fn is None else reduce_fn(change, setup.network)
+
+
+def lookahead_change(ctx: Context, y_candidates: np.ndarray, reduce: str | None = "l2") -> np.ndarray:
+    """The look-ahead change of every candidate with its label ``y_candidates`` ``(m, k)``,
+    reduced (``"l2"``, ``"flips"``) or whole (``None``), for ``ctx.proxy`` and ``ctx.relative_to``."""
+    setup = lookahead_setup(ctx)
+    if ctx.proxy == "one-step-sgd":
+        return _one_step_change(setup, y_candidates, ctx.lr, reduce)
+    return np.asarray(lookahead.posterior_change(
+        setup.proxy, setup.k_pool_train, setup.k_pool_pool, setup.f_pool, y_candidates,
+        relative_to=ctx.relative_to, network=setup.network, reduce=reduce), np.float64)
 
 
 def mlmoc_scores(ctx: Context, reduce: str = "l2") -> np.ndarray:
-    """Per-candidate MLMOC score with the pseudo-label ``argmax f_L(x')`` (``reduce``: ``"l2"``
-    Eq. 13, ``"flips"`` the released code's count)."""
-    proxy, k_sl, k_ss = lookahead_setup(ctx)
-    return np.asarray(lookahead.posterior_change(
-        proxy, k_sl, k_ss, ctx.logits, lookahead.pseudo_labels(ctx.logits), reduce=reduce),
-        np.float64)
+    """Per-candidate MLMOC score with the pseudo-label ``argmax`` of the reference
+    (``reduce``: ``"l2"`` Eq. 13, ``"flips"`` the released code's count)."""
+    return lookahead_change(ctx, lookahead.pseudo_labels(reference_outputs(ctx)), reduce)
 
 
 def emoc_scores(ctx: Context) -> np.ndarray:
-    """``E_{y' ~ softmax(f_L(x'))} sum_{x in S} ||Delta f(x)||_2``: one pass per class."""
-    proxy, k_sl, k_ss = lookahead_setup(ctx)
+    """``E_{y' ~ p(. | x')} sum_{x in S} ||Delta f(x)||_2`` (``p``: ``ctx.probs``)."""
+    setup = lookahead_setup(ctx)
     p = ctx.probs
     m, k = p.shape
-    if proxy.scalar:
+    if setup.proxy is not None and setup.proxy.scalar and ctx.relative_to == "proxy":
         # scalar kernel: ||Delta(x; x')|| = |C(x, x')| ||y' - f_lin(x')|| / |C(x', x') + shift|, so
         # the label enters only through ||y' - f_lin(x')||: one pass over the pool with a unit
         # residual gives the rest, then the expectation over y' is a (m, k) sum (k times cheaper)
-        f_lin = proxy.predict(k_sl, ctx.logits)
+        f_lin = setup.prediction
         unit = np.zeros((m, k))
         unit[:, 0] = 1.0
-        geometry = np.asarray(lookahead.posterior_change(proxy, k_sl, k_ss, ctx.logits, f_lin + unit,
-                                                         reduce="l2"), np.float64)
+        geometry = lookahead_change(ctx, f_lin + unit, "l2")
         residual = np.linalg.norm(np.eye(k)[None, :, :] - f_lin[:, None, :], axis=2)  # (m, k)
         return geometry * np.sum(p * residual, axis=1)
     total = np.zeros(m)
     for c in range(k):
         y = np.zeros((m, k))
         y[:, c] = 1.0
-        total += p[:, c] * lookahead.posterior_change(proxy, k_sl, k_ss, ctx.logits, y, reduce="l2")
+        total += p[:, c] * lookahead_change(ctx, y, "l2")
     return total
 
 
@@ -377,20 +531,27 @@ def select(name: str, ctx: Context, budget: int, key: Any) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 
-def proxy_scores(proxy, k_pool_train, k_pool_pool, f_pool, objective: str) -> np.ndarray:
-    """Look-ahead scores of every pool point for a proxy (``objective``: l2, flips or emoc)."""
+def posterior_scores(post: lookahead.PoolPosterior, objective: str, *, network: np.ndarray | None = None,
+                     relative_to: str = "proxy", probabilities_how: str = "softmax") -> np.ndarray:
+    """Look-ahead scores of every pool point from the current :class:`lookahead.PoolPosterior`
+    (``objective``: ``"l2"``, ``"flips"`` or ``"emoc"``).
+
+    The reference is the current proxy (``relative_to="proxy"``, the released code's sequential
+    mode) or the network's outputs ``network``; the pseudo-label is the reference's arg-max;
+    EMOC's probabilities come from the reference."""
+    reference = post.mean if relative_to == "proxy" else network
+    if reference is None:
+        raise ValueError("relative_to='network' needs the network's outputs on the pool")
     if objective in ("l2", "flips"):
-        return np.asarray(lookahead.posterior_change(
-            proxy, k_pool_train, k_pool_pool, f_pool, lookahead.pseudo_labels(f_pool),
-            reduce=objective), np.float64)
+        return np.asarray(lookahead.covariance_change(post, lookahead.pseudo_labels(reference),
+                                                      reference=reference, reduce=objective), np.float64)
     if objective == "emoc":
-        p = softmax(f_pool)
+        p = probabilities(reference, probabilities_how)
         m, k = p.shape
         total = np.zeros(m)
         for c in range(k):
             y = np.zeros((m, k))
             y[:, c] = 1.0
-            total += p[:, c] * lookahead.posterior_change(proxy, k_pool_train, k_pool_pool, f_pool, y,
-                                                          reduce="l2")
+            total += p[:, c] * lookahead.covariance_change(post, y, reference=reference, reduce="l2")
         return total
     raise ValueError(f"unknown look-ahead objective {objective!r}")
