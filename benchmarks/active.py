@@ -1,40 +1,37 @@
 """Speed of active-learning query rounds (a measurement, not a test): ``python benchmarks/active.py``.
 
-The paper's MNIST round (Mohamadi, Bae & Sutherland 2022, Sec. 5): a network trained on 100
-labels, a random subset of ``--subset`` (default 4000) unlabelled candidates, 20 queries.  On
-mnist-5k (4 000 training digits) the subset is the whole unlabelled pool (3 900 points).  Network
-``MLP(784 -> 512 -> 512 -> 10)`` as notebook 04 (pixels in [0, 1], full-batch GD on the square
-loss, lr 5, 100 epochs), one seed.
+The paper's MNIST round (Mohamadi, Bae & Sutherland 2022, Sec. 5) in the fast offline demo
+(preset ``demo-mnist-5k``: ``MLP(784 -> 512 -> 512 -> 10)``, full-batch GD on the square loss):
+a network trained on 100 labels, a random subset of ``--subset`` (default 4000) unlabelled
+candidates, 20 queries.  On mnist-5k (4 000 training digits) the subset is the whole unlabelled
+pool (3 900 points).  Everything goes through the runner's own functions
+(:func:`ntk_tutorial.active.run.build_model`, ``_train``, ``strategies.select`` and
+``_sequential_query``), so the numbers are those of ``ntk-tutorial al``.
 
-For each strategy of ``ntk_tutorial.active.STRATEGIES`` it times one query round — building the
-:class:`Context` (network outputs on L and S) and ``select`` — after one warm-up round (which
-compiles), best of ``--repeat``.  It also times the network's training in the same round (the
-100 epochs on the 100 labels, after a compiling warm-up) and prints every round as a ratio of
-it; the headline number is MLMOC's ratio.  BALD is timed on the same architecture trained with
-dropout 0.2 (MC dropout needs it).  ``--strategies`` restricts the list (the eNTK is not
-included: at 4 000 candidates its posterior covariance alone is 40 000 x 40 000 float64).
+For each strategy it times one query round (building the :class:`Context` and ``select``) after
+one warm-up round (which compiles), best of ``--repeat``, as a ratio of the network's training
+time in the same round.  BALD is timed on the same architecture trained with dropout 0.2.
 
-``--preset-all`` also runs the whole CPU preset with run_experiment — every strategy x 6 seeds x
-``--cycles`` cycles of ``cpu-mnist-5k`` (with notebook 04's lr/normalisation) — into a temporary
-folder (or ``--preset-out DIR``, kept: ``results/al/mnist-5k-paper`` is the folder notebook 04
-reads) and reports its wall time (long: tens of minutes to hours on a laptop CPU).
+It also times one *sequential* cycle of the released objective (``mlmoc-flips``: 20 picks, each
+rescoring every candidate through the conditioned proxy, true labels) against one batch round of
+the same strategy.  Target: sequential cycle <= ``TARGET_SEQUENTIAL_OVER_BATCH`` x batch round.
 
-NumPy's BLAS runs single-threaded (``--blas-threads``), as in notebooks 03-04.  Prints, never
-asserts.  Writes JSON to ``benchmarks/results/active.json``.
+``--quick``: subset 300, one repeat, four strategies (under a minute); targets are not checked.
+Exits non-zero when a round fails (and, in a full run, when the sequential target is missed).
+NumPy's BLAS runs single-threaded (``--blas-threads``), as in notebooks 03-04.  Writes JSON to
+``benchmarks/results/active[-quick].json``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import shutil
-import tempfile
 import time
-from pathlib import Path
 
-NETWORK = dict(dataset="mnist-5k", hidden=(512, 512), lr=5.0, epochs=100, normalize="none",
-               init=100, query=20)
+from common import RESULTS, finish, write_json
+
+PRESET = "demo-mnist-5k"
+TARGET_SEQUENTIAL_OVER_BATCH = 5.0
+QUICK_STRATEGIES = ["random", "entropy", "mlmoc", "mlmoc-flips"]
 
 
 def main() -> None:
@@ -44,14 +41,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--strategies", nargs="+", default=None)
     parser.add_argument("--blas-threads", type=int, default=1)
-    parser.add_argument("--preset-all", action="store_true",
-                        help="also run every strategy x 6 seeds of the cpu-mnist-5k preset")
-    parser.add_argument("--cycles", type=int, default=10, help="cycles of --preset-all")
-    parser.add_argument("--preset-out", default=None,
-                        help="keep --preset-all's results in this folder (e.g. results/al/mnist-5k-paper, "
-                             "which notebook 04 reads) instead of a temporary one; resumes what is there")
-    parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "active.json"))
+    parser.add_argument("--quick", action="store_true", help="subset 300, one repeat, four strategies")
+    parser.add_argument("--output", default=None, help="JSON path (default benchmarks/results/active[-quick].json)")
     args = parser.parse_args()
+    if args.quick:
+        args.subset, args.repeat = 300, 1
+        args.strategies = args.strategies or QUICK_STRATEGIES
 
     import jax
     import numpy as np
@@ -59,11 +54,10 @@ def main() -> None:
 
     from ntk_tutorial.active import run as al
     from ntk_tutorial.active import strategies as st
-    from ntk_tutorial.plotting import versions
 
     threadpool_limits(args.blas_threads, user_api="blas")
     names = args.strategies or list(st.STRATEGIES)
-    cfg = al.config_from_preset(None, **NETWORK, subset=args.subset, seed=args.seed)
+    cfg = al.config_from_preset(PRESET, subset=args.subset, seed=args.seed)
     ds = al.load_data(cfg)
     rng = np.random.default_rng([args.seed, 0xA1])
     lab = rng.choice(len(ds.x_train), cfg.init, replace=False)
@@ -74,16 +68,15 @@ def main() -> None:
           f"devices {jax.devices()}")
 
     def trained(dropout: float):
-        c = al.config_from_preset(None, **NETWORK, subset=args.subset, seed=args.seed, dropout=dropout)
+        c = al.config_from_preset(PRESET, subset=args.subset, seed=args.seed, dropout=dropout)
         apply_fn, params0 = al.build_model(c, in_dim, ds.num_classes)
-        times, params = [], None
+        times, net = [], None
         for _ in range(1 + args.repeat):  # first run compiles
             start = time.perf_counter()
-            params = al._train(apply_fn, params0, ds.x_train[lab], ds.y_train[lab], c,
-                               jax.random.key(args.seed))
-            jax.block_until_ready(params)
+            net = al._train(apply_fn, params0, ds.x_train[lab], ds.y_train[lab], c, jax.random.key(args.seed))
+            jax.block_until_ready(net[1])
             times.append(time.perf_counter() - start)
-        return apply_fn, params, min(times[1:])
+        return net[0], net[1], min(times[1:])
 
     nets = {0.0: trained(0.0)}
     if "bald" in names:
@@ -93,57 +86,63 @@ def main() -> None:
 
     def one_round(name: str, i: int) -> float:
         apply_fn, params, _ = nets[0.2 if name == "bald" else 0.0]
+        c = al.config_from_preset(PRESET, subset=args.subset, seed=args.seed, strategy=name,
+                                  dropout=0.2 if name == "bald" else None)
         start = time.perf_counter()
-        ctx = st.Context(apply_fn, params, ds.x_train[lab], ds.y_train[lab], ds.x_train[cand],
-                         ds.num_classes)
+        ctx = st.Context(apply_fn, params, ds.x_train[lab], ds.y_train[lab], ds.x_train[cand], ds.num_classes,
+                         kernel=c.kernel, relative_to=c.relative_to, proxy=c.proxy,
+                         probabilities=c.probabilities, lr=c.lr)
         st.select(name, ctx, cfg.query, jax.random.key(i))
         return time.perf_counter() - start
 
-    rounds = {}
+    rounds, failures = {}, []
     for name in names:
         try:
             one_round(name, 0)  # warm-up (compiles)
             best = min(one_round(name, i + 1) for i in range(args.repeat))
-        except Exception as err:  # noqa: BLE001 - a measurement: report and go on
-            print(f"{name:12s} failed: {err}")
-            rounds[name] = {"error": str(err)}
+        except Exception as err:  # noqa: BLE001 - a measurement: report, go on, fail at the end
+            print(f"{name:12s} failed: {type(err).__name__}: {err}")
+            rounds[name] = {"error": f"{type(err).__name__}: {err}"}
+            failures.append(f"{name}: {type(err).__name__}: {err}")
             continue
         train_s = nets[0.2 if name == "bald" else 0.0][2]
         rounds[name] = {"query_s": best, "train_s": train_s, "ratio_to_training": best / train_s}
         print(f"{name:12s} query round {best:8.3f} s   = {best / train_s:7.2f} x training", flush=True)
+
+    # one sequential cycle of the released objective against its batch round
+    sequential = None
+    apply_fn, params, _ = nets[0.0]
+    seq_cfg = al.config_from_preset(PRESET, subset=args.subset, seed=args.seed, strategy="mlmoc-flips",
+                                    mode="sequential")
+    try:
+        times = []
+        for i in range(1 + args.repeat):
+            start = time.perf_counter()
+            al._sequential_query(apply_fn, params, seq_cfg, ds, lab, cand, jax.random.key(i))
+            times.append(time.perf_counter() - start)
+        batch_s = rounds.get("mlmoc-flips", {}).get("query_s")
+        if batch_s is None:
+            one_round("mlmoc-flips", 0)
+            batch_s = min(one_round("mlmoc-flips", i + 1) for i in range(args.repeat))
+        seq_s = min(times[1:])
+        sequential = {"sequential_cycle_s": seq_s, "batch_round_s": batch_s, "ratio": seq_s / batch_s,
+                      "target_ratio": TARGET_SEQUENTIAL_OVER_BATCH, "picks": cfg.query}
+        print(f"sequential cycle ({cfg.query} picks, mlmoc-flips) {seq_s:.3f} s = {seq_s / batch_s:.2f} x its "
+              f"batch round ({batch_s:.3f} s; target <= {TARGET_SEQUENTIAL_OVER_BATCH:g}x: ratio "
+              f"{TARGET_SEQUENTIAL_OVER_BATCH / (seq_s / batch_s):.2f})")
+        if not args.quick and seq_s / batch_s > TARGET_SEQUENTIAL_OVER_BATCH:
+            failures.append(f"sequential cycle {seq_s / batch_s:.1f}x the batch round > {TARGET_SEQUENTIAL_OVER_BATCH:g}x")
+    except Exception as err:  # noqa: BLE001
+        failures.append(f"sequential cycle: {type(err).__name__}: {err}")
     if "mlmoc" in rounds and "query_s" in rounds["mlmoc"]:
         print(f"MLMOC round / training time in the same round: {rounds['mlmoc']['ratio_to_training']:.2f}")
 
-    result = {"setting": {**NETWORK, "hidden": list(NETWORK["hidden"]), "subset": int(len(cand)),
-                          "seed": args.seed, "repeat": args.repeat, "blas_threads": args.blas_threads},
-              "rounds": rounds, "machine": platform.platform(), "processor": platform.processor(),
-              "devices": [str(d) for d in jax.devices()], "versions": versions()}
-
-    if args.preset_all:
-        out = Path(args.preset_out) if args.preset_out else Path(tempfile.mkdtemp(prefix="al-preset-"))
-        start = time.perf_counter()
-        per = {}
-        try:
-            for name in st.STRATEGIES:
-                t0 = time.perf_counter()
-                for seed in range(6):
-                    c = al.config_from_preset("cpu-mnist-5k", strategy=name, seed=seed, cycles=args.cycles,
-                                              lr=NETWORK["lr"], normalize=NETWORK["normalize"],
-                                              dropout=0.2 if name == "bald" else None)
-                    al.run_experiment(c, out)
-                per[name] = time.perf_counter() - t0
-                print(f"preset {name:12s} 6 seeds x {args.cycles} cycles: {per[name]:.0f} s", flush=True)
-        finally:
-            if not args.preset_out:
-                shutil.rmtree(out, ignore_errors=True)
-        result["preset_all"] = {"preset": "cpu-mnist-5k", "cycles": args.cycles, "seeds": 6,
-                                "per_strategy_s": per, "total_s": time.perf_counter() - start}
-        print(f"whole preset: {result['preset_all']['total_s']:.0f} s")
-
-    path = Path(args.output)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1) + "\n")
-    print("wrote", path)
+    write_json(args.output or RESULTS / ("active-quick.json" if args.quick else "active.json"), {
+        "benchmark": "active", "quick": args.quick, "preset": PRESET,
+        "setting": {"subset": int(len(cand)), "seed": args.seed, "repeat": args.repeat,
+                    "blas_threads": args.blas_threads, "config": cfg.to_dict()},
+        "rounds": rounds, "sequential": sequential})
+    finish(failures, quick=args.quick)
 
 
 if __name__ == "__main__":

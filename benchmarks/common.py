@@ -24,3 +24,15 @@ def write_json(path: str | Path, payload: dict) -> Path:
     path.write_text(json.dumps({**payload, "machine": machine()}, indent=1) + "\n")
     print(f"\nwrote {path}")
     return path
+
+
+def finish(failures: list[str], *, quick: bool) -> None:
+    """Exit: status 1 when a measurement failed (an error, or in a full run a missed target),
+    printing each; ``--quick`` runs are smoke checks at small sizes, so only errors count there."""
+    import sys
+
+    if failures:
+        print("\nFAILED:\n  " + "\n  ".join(failures))
+        sys.exit(1)
+    print("\nall measurements " + ("ran (quick mode: targets are not checked at these sizes)" if quick
+                                   else "met their targets"))

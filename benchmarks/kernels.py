@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 
-from common import RESULTS, write_json
+from common import RESULTS, finish, write_json
 
 WIDTHS = (784, 512, 512, 10)
 CASES = [  # (kernel, method, n)
@@ -33,6 +33,7 @@ CASES = [  # (kernel, method, n)
     ("pntk", "dense", 4000),
     ("trace", "dense", 4000),
 ]
+QUICK_CASES = [("pntk", "dense", 200), ("pntk", "jacobian", 200), ("entk", "dense", 200)]
 TARGETS = {("pntk", "dense", 1000): 0.35, ("entk", "dense", 1000): 2.6, ("pntk", "dense", 4000): 5.0}
 
 
@@ -118,7 +119,9 @@ def run_child(args: list[str]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--out", default=str(RESULTS / "kernels.json"))
+    parser.add_argument("--quick", action="store_true", help="n = 200, one repeat: a smoke check (under a minute)")
+    parser.add_argument("--output", "--out", dest="out", default=None,
+                        help="JSON path (default benchmarks/results/kernels[-quick].json)")
     parser.add_argument("--child", nargs=3, metavar=("KIND", "METHOD", "N"), help=argparse.SUPPRESS)
     parser.add_argument("--matmul", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -132,9 +135,14 @@ def main() -> None:
 
     import jax
 
+    if args.quick:
+        args.repeat = 1
+    out_path = args.out or str(RESULTS / ("kernels-quick.json" if args.quick else "kernels.json"))
     ref = run_child(["--matmul", "--repeat", str(args.repeat)])
+    if "error" in ref:
+        finish([f"matmul reference: {ref['error']}"], quick=args.quick)
     rows = []
-    for kind, method, n in CASES:
+    for kind, method, n in (QUICK_CASES if args.quick else CASES):
         res = run_child(["--child", kind, method, str(n), "--repeat", str(args.repeat)])
         res.update(kernel=kind, method=method, n=n, gflop=flops(kind, method, n) / 1e9)
         if "seconds" in res:
@@ -149,8 +157,9 @@ def main() -> None:
 
     by = {(r["kernel"], r["method"], r["n"]): r for r in rows}
     speedup = None
-    if "seconds" in by[("pntk", "jacobian", 1000)] and "seconds" in by[("pntk", "dense", 1000)]:
-        speedup = by[("pntk", "jacobian", 1000)]["seconds"] / by[("pntk", "dense", 1000)]["seconds"]
+    n_cmp = 200 if args.quick else 1000
+    if "seconds" in by[("pntk", "jacobian", n_cmp)] and "seconds" in by[("pntk", "dense", n_cmp)]:
+        speedup = by[("pntk", "jacobian", n_cmp)]["seconds"] / by[("pntk", "dense", n_cmp)]["seconds"]
 
     print(f"\nMLP{WIDTHS} float32, {os.cpu_count()} CPU cores, {jax.devices()[0].platform}; "
           f"plain jnp.dot {ref['shape']}: {ref['gflops']:.1f} GFLOP/s\n")
@@ -166,13 +175,20 @@ def main() -> None:
               f"{r['peak_rss_bytes'] / 2**20:9.0f} {r['gflop']:8.1f} {r['gflops']:8.1f} "
               f"{r['fraction_of_matmul']:7.2f} {tgt:>16}")
     if speedup is not None:
-        print(f"\ndense fast route vs generic Jacobian route, pNTK n=1000: {speedup:.0f}x "
+        print(f"\ndense fast route vs generic Jacobian route, pNTK n={n_cmp}: {speedup:.0f}x "
               f"(target >= 20x: ratio {speedup / 20:.2f})")
 
-    write_json(args.out, {
-        "benchmark": "kernels", "widths": WIDTHS, "matmul_reference": ref, "rows": rows,
-        "dense_over_generic_speedup_pntk_1000": speedup,
+    write_json(out_path, {
+        "benchmark": "kernels", "quick": args.quick, "widths": WIDTHS, "matmul_reference": ref, "rows": rows,
+        "dense_over_generic_speedup_pntk": speedup, "speedup_n": n_cmp,
     })
+    failures = [f"{r['kernel']} {r['method']} n={r['n']}: {r['error']}" for r in rows if "error" in r]
+    if not args.quick:
+        failures += [f"{r['kernel']} {r['method']} n={r['n']}: {r['seconds']:.3f} s > target {r['target_seconds']} s"
+                     for r in rows if r.get("target_over_measured", 1.0) < 1.0]
+        if speedup is not None and speedup < 20:
+            failures.append(f"dense over generic pNTK speed-up {speedup:.1f}x < 20x")
+    finish(failures, quick=args.quick)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import argparse
 import os
 import time
 
-from common import RESULTS, write_json
+from common import RESULTS, finish, write_json
 
 WIDTHS = (784, 512, 512, 10)
 POOL = 4000
@@ -59,8 +59,14 @@ def main() -> None:
     parser.add_argument("--sgd-candidates", type=int, default=5)
     parser.add_argument("--blas-threads", type=int, default=1,
                         help="threads for NumPy's BLAS (0: leave the library default)")
-    parser.add_argument("--out", default=str(RESULTS / "lookahead.json"))
+    parser.add_argument("--quick", action="store_true",
+                        help="pool 300, 50 labels, one repeat: a smoke check (under a minute)")
+    parser.add_argument("--output", "--out", dest="out", default=None,
+                        help="JSON path (default benchmarks/results/lookahead[-quick].json)")
     args = parser.parse_args()
+    if args.quick:
+        args.repeat, args.pool, args.labelled, args.loop_candidates, args.sgd_candidates = 1, 300, [50], 20, 2
+    out_path = args.out or str(RESULTS / ("lookahead-quick.json" if args.quick else "lookahead.json"))
 
     import jax
     import jax.numpy as jnp
@@ -188,13 +194,24 @@ def main() -> None:
           f"{TARGET_VECTORISED_OVER_KERNEL} x kernel, proxy >= {TARGET_SPEEDUP_OVER_SGD:.0f} x faster "
           "than 15-epoch SGD per candidate. loop/vec: block-update loop per candidate over the "
           "vectorised form per candidate.")
-    write_json(args.out, {
-        "benchmark": "lookahead", "widths": WIDTHS, "kernel": "pntk", "rows": rows,
+    write_json(out_path, {
+        "benchmark": "lookahead", "quick": args.quick, "widths": WIDTHS, "kernel": "pntk", "rows": rows,
         "settings": {"sgd_lr": SGD_LR, "batch": BATCH, "epochs_on_L": EPOCHS_L,
                      "retrain_epochs": RETRAIN_EPOCHS, "repeat": args.repeat,
                      "loop_candidates": args.loop_candidates, "sgd_candidates": args.sgd_candidates,
                      "blas_threads": args.blas_threads},
     })
+    failures = [f"n={r['n_labelled']}: the loop and the vectorised scores differ by "
+                f"{r['loop_vs_vectorised_max_relative_difference']:.1e}" for r in rows
+                if not r["loop_vs_vectorised_max_relative_difference"] < 1e-6]
+    if not args.quick:
+        failures += [f"n={r['n_labelled']}: vectorised/kernel {r['vectorised_over_kernel']:.2f} > "
+                     f"{TARGET_VECTORISED_OVER_KERNEL}" for r in rows
+                     if r["vectorised_over_kernel"] > TARGET_VECTORISED_OVER_KERNEL]
+        failures += [f"n={r['n_labelled']}: speed-up over SGD {r['speedup_over_sgd']:.0f}x < "
+                     f"{TARGET_SPEEDUP_OVER_SGD:.0f}x" for r in rows
+                     if r["speedup_over_sgd"] < TARGET_SPEEDUP_OVER_SGD]
+    finish(failures, quick=args.quick)
 
 
 if __name__ == "__main__":
