@@ -260,6 +260,41 @@ def describe_preset(name: str) -> list[tuple[str, str, str, str]]:
     return rows
 
 
+README_PRESETS = ("demo-mnist-5k", "cpu-mnist-5k", "mnist", "svhn", "cifar10", "cifar100")
+_SOURCE_MARK = {"paper": "P", "released": "R", "ours": "**O**", "default": ""}
+
+
+def presets_markdown(names=README_PRESETS) -> str:
+    """One table of the presets side by side (the README's): every setting, its value and where it
+    comes from (P paper, R released code, **O** ours), then the reasons for the choices of ours."""
+    described = {n: {k: (v, src, note) for k, v, src, note in describe_preset(n)} for n in names}
+    keys = list(dict.fromkeys(k for n in names for k in described[n]))
+    short = {"network in batch mode, proxy in sequential mode": "network (batch), proxy (sequential)",
+             "simplex for EMOC under the square loss, softmax otherwise": "simplex for EMOC, else softmax",
+             "null": "default"}
+    lines = ["| setting | " + " | ".join(f"`{n}`" for n in names) + " |", "|---" * (len(names) + 1) + "|"]
+    for key in keys:
+        cells = []
+        for n in names:
+            if key not in described[n]:
+                cells.append("")
+                continue
+            v, src, _ = described[n][key]
+            v = short.get(v, v).strip('"')
+            cells.append(v + (f" {_SOURCE_MARK[src]}" if _SOURCE_MARK[src] else ""))
+        lines.append(f"| `{key}` | " + " | ".join(cells) + " |")
+    notes = []
+    for key in keys:
+        by_note: dict[str, list[str]] = {}
+        for n in names:
+            if key in described[n] and described[n][key][1] == "ours":
+                by_note.setdefault(described[n][key][2], []).append(n)
+        for note, where in by_note.items():
+            scope = "" if len(where) == sum(key in described[n] for n in names) else " (" + ", ".join(where) + ")"
+            notes.append(f"- `{key}`{scope}: {note}")
+    return "\n".join(lines) + "\n\nOur choices (**O**), and why:\n\n" + "\n".join(notes)
+
+
 def format_preset(name: str) -> str:
     """The table ``ntk-tutorial al --preset NAME --show`` prints (and the README shows)."""
     rows = describe_preset(name)
