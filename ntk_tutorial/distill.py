@@ -9,19 +9,21 @@ recording paths, builds the signals, and trains students on them.
 ==============================  =============================================================
 :func:`fit`                     mini-batch SGD (momentum) on targets ``(n, k)`` with the loss
                                 ``tau^2 KL(p_tar || softmax(z / tau))``; records paths, keeps
-                                the Filter-KD moving average and the early-stopped parameters
+                                the early-stopped parameters and the Filter-KD moving average,
+                                both at that epoch and at the end
 :func:`distill_loss`            that loss, per example (``tau = 1`` and one-hot targets give
                                 the usual cross-entropy)
 :func:`filter_update`           the Filter-KD update ``q_bar <- (1 - alpha) q_bar + alpha
                                 softmax(z / tau)`` of the samples in a batch
 :func:`supervisory_signals`     one-hot, label-smoothed, final teacher, early-stopped teacher,
-                                Filter-KD and ``p*`` targets from one teacher run
+                                Filter-KD (the table at the best epoch, and at the end) and
+                                ``p*`` targets from one teacher run
 :func:`label_smoothing`,        the simple signals and temperature softmax
 :func:`softmax_t`
 :func:`flip_labels`             symmetric label noise for data sets that have none
 :func:`path_distances`,         ``||q_t - p*||`` along paths and its minimum vs. its end value
 :func:`zigzag_stats`
-:func:`mean_interval`           mean and the half-width ``1.96 sd / sqrt(m)`` over ``m`` seeds
+:func:`mean_interval`           mean and the half-width of its 95% t-interval over seeds
 ==============================  =============================================================
 
 Mini-batches: every epoch draws a fresh permutation of the ``n`` samples and cuts it into
@@ -42,7 +44,7 @@ import numpy as np
 import optax
 
 Array = jax.Array
-SIGNALS = ("one-hot", "label-smoothing", "teacher", "early-stopped", "filter-kd", "p-star")
+SIGNALS = ("one-hot", "label-smoothing", "teacher", "early-stopped", "filter-kd", "filter-kd-end", "p-star")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,6 +152,9 @@ class Fit:
       es_params, es_epoch: parameters after the epoch of best validation accuracy (the first
         such epoch), and that epoch (1-based); the final ones when there is no validation data.
       filtered: ``(n, k)`` Filter-KD averages ``q_bar`` of every training sample at the end.
+      filtered_es: the same table as it was after epoch ``es_epoch``, the one Ren, Guo &
+        Sutherland's student reads (``ES_OHT_table`` in their ``old_cifar_noisy.py``); equal to
+        ``filtered`` without validation data.
       record_steps: ``(T,)`` steps at which ``paths`` were recorded (0 = initialisation).
       paths: ``(T, n_record, k)`` predictions ``softmax(f_t(x))`` on ``record_x`` (``None``
         without ``record_x``).
@@ -165,6 +170,7 @@ class Fit:
     filtered: np.ndarray
     record_steps: np.ndarray
     paths: np.ndarray | None
+    filtered_es: np.ndarray | None = None
     kept: dict = field(default_factory=dict)
     config: dict = field(default_factory=dict)
 
@@ -243,8 +249,12 @@ def fit(
     targets and ``tau = 1`` a teacher trained by cross-entropy, with soft targets a student.
     Along the way it keeps, for every training sample, the Filter-KD moving average of its
     predictions (:func:`filter_update`, with ``alpha`` and ``filter_tau``), the parameters of the
-    epoch with the best validation accuracy, and the predictions on ``record_x`` every
-    ``record_every`` steps.
+    epoch with the best validation accuracy and a snapshot of the moving averages at that epoch
+    (``Fit.filtered_es``), and the predictions on ``record_x`` every ``record_every`` steps.
+    A sample that no batch has drawn yet has no average (``n mod batch_size`` samples sit out
+    each epoch, so a table read after one epoch, or a few, can have such rows); its row is then
+    the prediction ``softmax(z / filter_tau)`` of that table's parameters (the early-stopped
+    ones for ``Fit.filtered_es``, the final ones for ``Fit.filtered``).
 
     Args:
       apply_fn, params: the model (``apply_fn(params, x) -> (n, k)`` logits) and its start.
@@ -297,7 +307,7 @@ def fit(
     losses, val_acc, paths = [], [], []
     if rec_x is not None:
         paths.append(np.asarray(jax.nn.softmax(predict(params, rec_x), axis=-1)))
-    best, es_params, es_epoch = -1.0, params, epochs
+    best, es_params, es_epoch, es_table = -1.0, params, epochs, None
     kept = {0: params} if 0 in keep else {}
     it = range(1, epochs + 1)
     if progress:
@@ -316,15 +326,20 @@ def fit(
         if x_val is not None:
             acc = float(jnp.mean(jnp.argmax(predict(carry[0], jnp.asarray(x_val)), -1) == jnp.asarray(y_val)))
             val_acc.append(acc)
-            if acc > best:
-                best, es_params, es_epoch = acc, carry[0], epoch
+            if acc > best:  # JAX arrays are immutable: keeping references is a snapshot
+                best, es_params, es_epoch, es_table = acc, carry[0], epoch, carry[2:]
     params, _, q_bar, seen = carry
     if x_val is None:
-        es_params = params
-    q_bar = np.asarray(q_bar)
-    unseen = ~np.asarray(seen)
-    if unseen.any():  # never drawn into a batch (possible only with very few epochs)
-        q_bar[unseen] = np.asarray(softmax_t(predict(params, x[unseen]), filter_tau))
+        es_params, es_table = params, carry[2:]
+
+    def table(q_bar, seen, p):
+        # np.array copies: np.asarray of a JAX array is a read-only view
+        q_bar, unseen = np.array(q_bar), ~np.asarray(seen)
+        if unseen.any():  # never drawn into a batch yet: the prediction of that moment
+            q_bar[unseen] = np.asarray(softmax_t(predict(p, x[unseen]), filter_tau))
+        return q_bar
+
+    q_bar, q_bar_es = table(q_bar, seen, params), table(*es_table, es_params)
     record_steps = np.arange(0, epochs * steps_per_epoch + 1, every) if rec_x is not None else np.zeros(0, int)
     return Fit(
         params=params,
@@ -333,6 +348,7 @@ def fit(
         es_params=es_params,
         es_epoch=int(es_epoch),
         filtered=q_bar,
+        filtered_es=q_bar_es,
         record_steps=record_steps,
         paths=np.concatenate([paths[0][None]] + [p.reshape(-1, *p.shape[-2:]) for p in paths[1:]]) if paths else None,
         kept=kept,
@@ -363,8 +379,14 @@ def supervisory_signals(
     * ``"one-hot"``: ``e_y``; ``"label-smoothing"``: ``(1 - eps) e_y + eps / k``;
     * ``"teacher"``: ``softmax(f_T(x) / tau)`` of the final teacher (knowledge distillation);
     * ``"early-stopped"``: the same at the epoch of best validation accuracy (ESKD);
-    * ``"filter-kd"``: the teacher's moving averages ``q_bar`` (Filter-KD);
+    * ``"filter-kd"``: the teacher's moving averages ``q_bar`` as they were at its epoch of best
+      validation accuracy (Filter-KD as Ren, Guo & Sutherland ran it: ``ES_OHT_table`` in their
+      ``old_cifar_noisy.py``);
+    * ``"filter-kd-end"``: the same table at the end of training (a contrast);
     * ``"p-star"``: the true posterior, when ``p_star`` is given.
+
+    Without validation data in the teacher's :func:`fit`, ``"early-stopped"`` equals
+    ``"teacher"`` and ``"filter-kd"`` equals ``"filter-kd-end"``.
     """
     x = jnp.asarray(x)
     k = teacher.filtered.shape[1]
@@ -373,7 +395,8 @@ def supervisory_signals(
         "label-smoothing": label_smoothing(y, k, eps),
         "teacher": np.asarray(softmax_t(apply_fn(teacher.params, x), tau)),
         "early-stopped": np.asarray(softmax_t(apply_fn(teacher.es_params, x), tau)),
-        "filter-kd": np.asarray(teacher.filtered),
+        "filter-kd": np.asarray(teacher.filtered if teacher.filtered_es is None else teacher.filtered_es),
+        "filter-kd-end": np.asarray(teacher.filtered),
     }
     if p_star is not None:
         out["p-star"] = np.asarray(p_star, np.float32)
@@ -404,12 +427,16 @@ def zigzag_stats(paths: np.ndarray, p_star: np.ndarray) -> dict[str, np.ndarray]
 
 
 def mean_interval(values, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Mean over ``axis`` and the half-width ``1.96 sd / sqrt(m)`` of a normal 95% interval.
+    """Mean over ``axis`` and the half-width of its 95% Student-t interval over the ``m`` seeds.
 
-    ``sd`` is the sample standard deviation (``ddof = 1``) over the ``m`` entries (seeds).
+    The package's one interval rule, :func:`ntk_tutorial.stats.t_interval` (it replaced the
+    normal approximation ``1.96 sd / sqrt(m)``, too narrow for a few seeds); ``sd`` has
+    ``ddof = 1``.  Paired comparisons of two signals: :func:`ntk_tutorial.stats.paired`.
     """
+    from .stats import t_interval
+
     values = np.asarray(values, np.float64)
     m = values.shape[axis]
     if m < 2:
         raise ValueError(f"an interval needs at least 2 values along axis {axis}, got {m}")
-    return values.mean(axis), 1.96 * values.std(axis, ddof=1) / np.sqrt(m)
+    return t_interval(values, axis=axis)

@@ -147,6 +147,45 @@ def test_fit_matches_a_hand_written_sgd_loop_and_filter():
     assert fit.losses.shape == (epochs * (n // batch),)
 
 
+def test_never_visited_samples_and_the_early_stopped_table():
+    """One epoch of 22 samples in batches of 5 leaves 2 samples undrawn; their rows are the
+    predictions of the moment.  (The old code raised "assignment destination is read-only".)
+
+    Validation labels equal to the network's own predictions after epoch 1 make epoch 1 the best
+    one of a 4-epoch run, so its table ``filtered_es`` must be the one-epoch run's table."""
+    apply_fn, params = mlp((4, 16, 3), seed=12)
+    rng = np.random.default_rng(12)
+    n, batch = 22, 5
+    x = jnp.asarray(rng.standard_normal((n, 4)))
+    targets = jnp.asarray(_random_distributions(rng, n, 3))
+    key = jax.random.key(4)
+    kw = dict(lr=0.3, momentum=0.9, batch_size=batch, tau=1.0, alpha=0.25, filter_tau=2.0)
+    one = distill.fit(apply_fn, params, x, targets, key=key, epochs=1, **kw)
+    _, batches, probs = _reference_fit(apply_fn, params, x, targets, key, epochs=1, **kw)
+    ref_q, ref_seen = _filter_reference(n, 3, batches, probs, 0.25)
+    assert (~ref_seen).sum() == n % batch
+    np.testing.assert_allclose(one.filtered[ref_seen], ref_q[ref_seen], rtol=1e-9, atol=1e-12)
+    unseen = np.flatnonzero(~ref_seen)
+    np.testing.assert_allclose(one.filtered[unseen], jax.nn.softmax(apply_fn(one.params, x[unseen]) / 2.0),
+                               rtol=1e-9, atol=1e-12)
+    np.testing.assert_array_equal(one.filtered_es, one.filtered)  # no validation data: the end table
+    one.filtered[0] = 0.0  # a writable copy
+
+    x_val = jnp.asarray(rng.standard_normal((30, 4)))
+    y_val = np.asarray(jnp.argmax(apply_fn(one.params, x_val), -1))  # 100% after epoch 1
+    four = distill.fit(apply_fn, params, x, targets, key=key, epochs=4, x_val=x_val, y_val=y_val, **kw)
+    assert four.es_epoch == 1 and four.val_acc[0] == 1.0
+    assert np.all(four.val_acc[1:] < 1.0)  # the later epochs differ, so the two tables must too
+    np.testing.assert_allclose(four.filtered_es[ref_seen], ref_q[ref_seen], rtol=1e-9, atol=1e-12)
+    # the undrawn rows come from the early-stopped parameters, not the final ones
+    np.testing.assert_allclose(four.filtered_es[unseen], jax.nn.softmax(apply_fn(four.es_params, x[unseen]) / 2.0),
+                               rtol=1e-9, atol=1e-12)
+    _, batches4, probs4 = _reference_fit(apply_fn, params, x, targets, key, epochs=4, **kw)
+    ref_q4, ref_seen4 = _filter_reference(n, 3, batches4, probs4, 0.25)
+    np.testing.assert_allclose(four.filtered[ref_seen4], ref_q4[ref_seen4], rtol=1e-9, atol=1e-12)
+    assert np.abs(four.filtered - four.filtered_es).max() > 0.01
+
+
 @pytest.fixture(scope="module")
 def small_run():
     """A teacher on a small 3-class problem, with validation data, paths and kept parameters."""
@@ -188,7 +227,9 @@ def test_supervisory_signals(small_run):
     np.testing.assert_allclose(sig["early-stopped"], jax.nn.softmax(apply_fn(fit.es_params, x) / 2.0), rtol=1e-10)
     assert fit.es_epoch < 6  # so that the early-stopped teacher differs from the final one here
     assert not np.allclose(sig["early-stopped"], sig["teacher"])
-    np.testing.assert_allclose(sig["filter-kd"], fit.filtered)
+    np.testing.assert_allclose(sig["filter-kd"], fit.filtered_es)  # the table at the best epoch
+    np.testing.assert_allclose(sig["filter-kd-end"], fit.filtered)
+    assert not np.allclose(sig["filter-kd"], sig["filter-kd-end"])
     np.testing.assert_allclose(sig["label-smoothing"], 0.8 * np.eye(3)[y] + 0.2 / 3, rtol=1e-6)
     np.testing.assert_allclose(sig["p-star"], p_star, rtol=1e-6)
     for p in sig.values():
@@ -255,7 +296,7 @@ def test_mean_interval():
     mean, half = distill.mean_interval(v)
     np.testing.assert_allclose(mean, [0.2, 0.5])
     sd = np.sqrt(np.array([(0.01 + 0.01 + 0.0) / 2, (0.01 + 0.01 + 0.04) / 2]))  # ddof = 1
-    np.testing.assert_allclose(half, 1.96 * sd / np.sqrt(3))
+    np.testing.assert_allclose(half, 4.302652729749462 * sd / np.sqrt(3))  # t quantile 0.975, 2 degrees of freedom
     with pytest.raises(ValueError, match="at least 2"):
         distill.mean_interval(v[:1])
 
