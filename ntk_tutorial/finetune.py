@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from . import models, train
+from . import lookahead, models, train
 
 Array = jax.Array
 
@@ -219,9 +219,14 @@ def loo_cv(kernel: Array, y: Array, ridges: Array) -> np.ndarray:
 
 
 def krr_predict(k_train: Array, k_test_train: Array, y: Array, ridge: float) -> np.ndarray:
-    """Kernel ridge regression predictions ``K(x, X) (K + ridge I)^{-1} y`` (float64)."""
-    evals, evecs = _eigh(k_train)
+    """Kernel ridge regression predictions ``K(x, X) (K + ridge I)^{-1} y`` (float64).
+
+    The package's one ridge solve, :func:`ntk_tutorial.lookahead.kernel_regression` (Cholesky,
+    with the smallest jitter that works), for a scalar ``(n, n)`` kernel; ``y`` may be ``(n,)``
+    (then ``(t,)`` is returned) or ``(n, k)``.
+    """
     y = np.asarray(y, np.float64)
-    scale = evals + ridge
-    alpha = evecs @ ((evecs.T @ y) / (scale[:, None] if y.ndim == 2 else scale))
-    return np.asarray(k_test_train, np.float64) @ alpha
+    if y.ndim not in (1, 2):
+        raise ValueError(f"y must be (n,) or (n, k), got shape {y.shape}")
+    pred = lookahead.kernel_regression(k_train, y[:, None] if y.ndim == 1 else y, k_test_train, ridge=float(ridge))
+    return pred[:, 0] if y.ndim == 1 else pred

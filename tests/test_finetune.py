@@ -42,6 +42,11 @@ def test_krr_predict_equals_a_direct_solve_for_vectors_and_matrices():
     direct = Kt @ np.linalg.solve(K + 0.3 * np.eye(12), y)
     np.testing.assert_allclose(finetune.krr_predict(K, Kt, y, 0.3), direct, rtol=1e-9)
     np.testing.assert_allclose(finetune.krr_predict(K, Kt, y[:, None], 0.3)[:, 0], direct, rtol=1e-9)
+    assert finetune.krr_predict(K, Kt, y, 0.3).shape == (3,)
+    # ridge 0 on a positive-definite kernel interpolates the training targets
+    np.testing.assert_allclose(finetune.krr_predict(K, K, y, 0.0), y, rtol=1e-7, atol=1e-9)
+    with pytest.raises(ValueError, match=r"\(n,\) or \(n, k\)"):
+        finetune.krr_predict(K, Kt, y[:, None, None], 0.3)
 
 
 def test_gcv_bad_inputs():
