@@ -46,10 +46,16 @@ def test_template_parts(md):
         "the parameter cell sets sizes with pick(full=..., fast=...) and key = jax.random.key(SEED)"
     )
     text = md.read_text()
-    for part in ("What you will learn", "Prerequisites", "Run time", "Summary", "References"):
+    for part in ("What you will learn", "Prerequisites", "Run time", "Summary", "References", "(notation.md)"):
         assert part in text, f"{md.name} lacks the '{part}' part of the template"
     code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
     assert "claims.check(" in code, "claims are checked through the ledger (ntk_tutorial.claims.check)"
+
+
+def test_the_notation_page_names_what_the_notebooks_use():
+    page = (NB_DIR / "notation.md").read_text()
+    for symbol in (r"\Theta", r"\hat\Theta", r"\tau", r"\tau_\mathrm{hp}", r"\rho", r"\mathcal A(x')", "p^*"):
+        assert symbol in page, symbol
 
 
 def test_pytest_collects_every_notebook():
