@@ -150,9 +150,18 @@ class Proxy:
 
 
 def _arr(x: Any, name: str) -> np.ndarray:
-    """As a float64 NumPy array; NaN/inf raise."""
+    """As a float64 NumPy array (booleans and integers are cast); complex, string and object
+    arrays raise ``TypeError``, NaN/inf ``ValueError``."""
     if x is None:
         raise ValueError(f"{name} is required")
+    dtype = getattr(x, "dtype", None)
+    dtype = np.asarray(x).dtype if dtype is None else np.dtype(dtype)
+    if dtype.kind == "c":
+        raise TypeError(f"{name} is complex; kernels, outputs and labels are real: pass x.real if the "
+                        "imaginary part is zero")
+    if dtype.kind not in "biuf" and not dtype.name.startswith(("bfloat", "float")):  # ml_dtypes floats
+        raise TypeError(f"{name} must be a numeric array, got dtype {dtype} "
+                        f"({type(x).__name__}); convert it with numpy.asarray(x, dtype=float)")
     a = np.asarray(x, dtype=DTYPE)
     if not np.all(np.isfinite(a)):
         bad = int(np.sum(~np.isfinite(a)))
@@ -301,6 +310,56 @@ def cholesky_with_jitter(matrix: Any, ridge: float = 0.0) -> tuple[np.ndarray, f
 
 def _cho_solve(chol: np.ndarray, b: np.ndarray) -> np.ndarray:
     return scipy.linalg.cho_solve((chol, True), b, check_finite=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# memory: the float64 algebra's peak, for the memory guard (kernels.check_memory)
+# ---------------------------------------------------------------------------------------------
+
+
+def fit_proxy_bytes(n: int, k: int, scalar: bool) -> int:
+    """Peak bytes of :func:`fit_proxy` on ``n`` labelled points, besides its inputs: up to seven
+    ``N x N`` float64 matrices at once (the float64 copy of the kernel, its matrix form,
+    the symmetrisation's temporaries, the factorisation's copy and factor, an
+    eigendecomposition when a jitter is needed).  ``N = n`` (scalar kernel) or ``n k``."""
+    size = int(n) * (1 if scalar else int(k))
+    return 8 * (7 * size * size + 4 * int(n) * int(k))
+
+
+def _block_candidates(m: int, k: int, kk: int, c: int, block_bytes: int = _BLOCK_BYTES) -> int:
+    """Candidates per block of :func:`posterior_change` / :func:`covariance_change` by default."""
+    per_candidate = 8 * int(m) * int(k) * (2 + 2 * kk)
+    return int(max(1, min(max(int(c), 1), block_bytes // max(per_candidate, 1))))
+
+
+def posterior_change_bytes(n: int, m: int, k: int, scalar: bool, block_bytes: int = _BLOCK_BYTES) -> int:
+    """Peak bytes of :func:`posterior_change` over a pool of ``m`` points (``n`` labelled, every
+    pool point a candidate), besides its inputs: ``Theta(U, X)`` in matrix form and
+    ``W = L^{-1} Theta(X, U)`` (``3 N M`` with the solver's copy), then the block of ``B``
+    candidates in flight: for a scalar kernel its ``M x B`` posterior columns (three copies; the
+    fused reductions never write the changes), for the eNTK the block's ``(B, m, k, k)`` kernel
+    columns, their matrix form, the posterior columns and their product (four copies) and the
+    ``(B, m, k)`` changes."""
+    kk = 1 if scalar else int(k)
+    size_n, size_m = int(n) * kk, int(m) * kk
+    b = _block_candidates(m, k, kk, m, block_bytes)
+    blocks = 8 * 4 * int(m) * b if scalar else 8 * b * int(m) * int(k) * (4 * kk + 2)
+    return 8 * 3 * size_n * size_m + blocks + 8 * 6 * int(m) * int(k)
+
+
+def pool_posterior_bytes(n: int, m: int, k: int, scalar: bool, block_bytes: int = _BLOCK_BYTES) -> int:
+    """Peak bytes of :func:`pool_posterior` (and of conditioning it, :func:`condition`, and reading
+    changes off it, :func:`covariance_change`), besides its inputs: three ``M x M`` float64
+    matrices at once (the symmetrised pool kernel, ``W^T W`` and the covariance; conditioning
+    holds the old and the new covariance and ``G^T G``), a fourth for the eNTK's matrix form, half
+    a matrix of headroom, ``W`` (``N x M``) and a block of candidates.  ``M = m`` (scalar kernel)
+    or ``m k``: sequential querying's ``PoolPosterior`` is ``M^2`` floats."""
+    kk = 1 if scalar else int(k)
+    size_n, size_m = int(n) * kk, int(m) * kk
+    b = _block_candidates(m, k, kk, m, block_bytes)
+    blocks = 8 * 4 * size_m * b if scalar else 8 * b * int(k) * size_m + 8 * 2 * b * int(m) * int(k)
+    squares = 3.5 if scalar else 4.5
+    return int(8 * (squares * size_m * size_m + 2 * size_n * size_m) + blocks)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -762,7 +821,7 @@ def posterior_change(
     r_all = y_candidates - f_lin[cand]  # y' - f_lin_L(x'), (c, k)
 
     if block_size is None:
-        per_candidate = 8 * m * k * (2 + 2 * kk)
+        per_candidate = max(8 * m * k * (2 + 2 * kk), 1)  # an empty pool: one block of nothing
         block_size = int(max(1, min(c, _BLOCK_BYTES // per_candidate)))
     if block_size < 1:
         raise ValueError(f"block_size must be a positive integer, got {block_size}")
@@ -917,7 +976,7 @@ def covariance_change(post: PoolPosterior, y_candidates: Any, *, candidates: Any
     r_all = y_candidates - post.mean[cand]
     kk = 1 if post.scalar else k
     if block_size is None:
-        block_size = int(max(1, min(max(cand.size, 1), _BLOCK_BYTES // (8 * m * k * (2 + 2 * kk)))))
+        block_size = int(max(1, min(max(cand.size, 1), _BLOCK_BYTES // max(8 * m * k * (2 + 2 * kk), 1))))
     out = []
     for start in range(0, cand.size, block_size):
         idx = cand[start:start + block_size]

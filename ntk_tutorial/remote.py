@@ -2,7 +2,8 @@
 
 Files go through :func:`fetch_file`, which
 
-* downloads through pooch with a timeout (never hangs) to a temporary name in the cache,
+* downloads through pooch with a timeout per read and an overall deadline per file (never
+  hangs, not even on a host that trickles a byte at a time) to a temporary name in the cache,
   checks the file's SHA-256 against the registry, and only then renames it into place (never a
   partial file);
 * re-downloads a cached file whose hash does not match (a corrupt or truncated cache);
@@ -32,6 +33,10 @@ import numpy as np
 
 DATA_ENV = "NTK_TUTORIAL_DATA"
 TIMEOUT_ENV = "NTK_TUTORIAL_DOWNLOAD_TIMEOUT"
+# Overall limit per file, in seconds (default: 120 s plus the file at 100 kB/s): a host that
+# sends a byte now and then never trips the per-read timeout, this stops it.
+DEADLINE_ENV = "NTK_TUTORIAL_DOWNLOAD_DEADLINE"
+_MIN_RATE = 100e3  # bytes per second a download must average for the default deadline
 
 
 class DownloadError(RuntimeError):
@@ -41,7 +46,7 @@ class DownloadError(RuntimeError):
 @dataclass(frozen=True)
 class RemoteFile:
     name: str
-    urls: tuple[str, ...]  # tried in order: the canonical host first, then mirrors
+    urls: tuple[str, ...]  # tried in order: a working host first (named in the offline message)
     sha256: str
     size: int | None = None  # bytes, for information
 
@@ -64,37 +69,120 @@ def sha256sum(path: Path) -> str:
     return h.hexdigest()
 
 
+def _seconds(env: str, default: float) -> float:
+    text = os.environ.get(env)
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"${env} must be a number of seconds, got {text!r}") from None
+    if not value > 0:
+        raise ValueError(f"${env} must be a positive number of seconds, got {text!r}")
+    return value
+
+
 def _timeout() -> float:
-    return float(os.environ.get(TIMEOUT_ENV, "30"))
+    return _seconds(TIMEOUT_ENV, 30.0)
+
+
+def _deadline(remote: RemoteFile) -> float:
+    """Seconds one file may take in all (``$NTK_TUTORIAL_DOWNLOAD_DEADLINE``, else 120 s plus its
+    size at 100 kB/s)."""
+    return _seconds(DEADLINE_ENV, 120.0 + (remote.size or 0) / _MIN_RATE)
+
+
+class DeadlineExceeded(DownloadError):
+    """A download still unfinished when its overall deadline passed."""
+
+
+class _DeadlineDownloader:
+    """A pooch downloader (``requests`` streaming) with a timeout per read *and* an overall
+    deadline: the body is read with ``read1`` (whatever has arrived, never waiting for a full
+    chunk), so the deadline is checked however slowly the host sends."""
+
+    def __init__(self, timeout: float, deadline: float, progressbar: bool = False):
+        self.timeout, self.deadline, self.progressbar = timeout, deadline, progressbar
+
+    def __call__(self, url, output_file, pooch, check_only=False):
+        import time
+
+        import requests
+
+        if check_only:
+            return requests.head(url, timeout=self.timeout, allow_redirects=True).status_code == 200
+        end = time.monotonic() + self.deadline
+        ispath = not hasattr(output_file, "write")
+        out = open(output_file, "w+b") if ispath else output_file
+        try:
+            with requests.get(url, timeout=self.timeout, stream=True) as response:
+                response.raise_for_status()
+                raw = response.raw
+                read = getattr(raw, "read1", None) or (lambda n, decode_content=True: raw.read(min(n, 1024), decode_content=decode_content))
+                total = int(response.headers.get("content-length", 0) or 0)
+                bar = None
+                if self.progressbar:
+                    from tqdm.auto import tqdm
+
+                    bar = tqdm(total=total, unit="B", unit_scale=True, leave=True, ncols=79)
+                try:
+                    while True:
+                        if time.monotonic() > end:
+                            raise DeadlineExceeded(
+                                f"not finished after the overall deadline of {self.deadline:g} s "
+                                f"(${DEADLINE_ENV}); the host is too slow")
+                        chunk = read(1 << 16, decode_content=True)
+                        if not chunk:
+                            break
+                        out.write(chunk)
+                        if bar is not None:
+                            bar.update(len(chunk))
+                finally:
+                    if bar is not None:
+                        bar.close()
+                out.flush()
+        finally:
+            if ispath:
+                out.close()
+        return None
 
 
 def fetch_file(remote: RemoteFile, folder: Path | None = None, *, progress: bool = False) -> Path:
     """Return the path of ``remote`` in the cache, downloading and verifying it if needed.
 
-    Uses ``pooch.retrieve`` for each URL in turn (canonical host first): pooch downloads to a
+    Uses ``pooch.retrieve`` for each URL in turn (a working mirror first): pooch downloads to a
     temporary file, checks the SHA-256 and only then moves it into place, and re-downloads a
-    cached file whose hash does not match.  Every request has a timeout
-    (``$NTK_TUTORIAL_DOWNLOAD_TIMEOUT`` seconds, default 30), so a dead host never hangs.
+    cached file whose hash does not match.  Every read has a timeout
+    (``$NTK_TUTORIAL_DOWNLOAD_TIMEOUT`` seconds, default 30) and every file an overall deadline
+    (``$NTK_TUTORIAL_DOWNLOAD_DEADLINE``), so neither a dead host nor a trickling one hangs.
     """
     import pooch
 
     folder = Path(folder) if folder is not None else cache_dir()
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if not os.access(folder, os.W_OK):
+            raise PermissionError(13, "not writable")
+    except OSError as err:
+        raise DownloadError(
+            f"cannot write to the data cache {folder} ({err.strerror or err}); set ${DATA_ENV} to a writable "
+            "folder") from None
     target = folder / remote.name
     pooch.get_logger().setLevel("WARNING")
     errors = []
+    downloader = _DeadlineDownloader(_timeout(), _deadline(remote), progressbar=progress)
     for url in remote.urls:
         try:
             path = pooch.retrieve(
                 url, known_hash=f"sha256:{remote.sha256}", fname=remote.name, path=folder,
-                downloader=pooch.HTTPDownloader(timeout=_timeout(), progressbar=progress),
+                downloader=downloader,
             )
             return Path(path)
         except Exception as err:  # noqa: BLE001 - requests/pooch raise many kinds; all mean "failed"
             errors.append(f"{url}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
     raise DownloadError(
-        f"could not download {remote.name}.\n  tried:\n    " + "\n    ".join(errors)
-        + f"\n  Without a network, download it elsewhere from {remote.urls[0]} and place it as "
+        f"could not download {remote.name} (tried: " + "; ".join(errors) + "). "
+        f"Without a network, download it elsewhere from {remote.urls[0]} and place it as "
         f"{target} (sha256 {remote.sha256}); set ${DATA_ENV} to use another folder."
     )
 
@@ -167,10 +255,14 @@ def _svhn(files):
     return one(files[0]), one(files[1])
 
 
+# Working mirrors first: PyTorch's (torchvision's MNIST mirror, the only source PyTorch's own CI
+# keeps since 2025, pytorch/pytorch#164238), then TensorFlow Datasets' (whose checksum file the
+# SHA-256 values come from); the original host has answered 403 (and later 404) since 2024
+# (pytorch/vision#8568), so it is tried last.  The hashes are the same files' whatever the host.
 _MNIST_HOSTS = (
-    "https://yann.lecun.com/exdb/mnist/",
-    "https://storage.googleapis.com/cvdf-datasets/mnist/",
     "https://ossci-datasets.s3.amazonaws.com/mnist/",
+    "https://storage.googleapis.com/cvdf-datasets/mnist/",
+    "https://yann.lecun.com/exdb/mnist/",
 )
 _FASHION = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 
@@ -220,7 +312,11 @@ def folder_for(name: str) -> Path:
 def fetch(name: str, *, progress: bool = True) -> list[Path]:
     """Download (if needed) and verify every file of a remote data set; return their paths."""
     if name not in REMOTE:
-        raise ValueError(f"unknown remote data set {name!r}; available: {', '.join(sorted(REMOTE))}")
+        import difflib
+
+        close = difflib.get_close_matches(name, sorted(REMOTE), n=1)
+        raise ValueError(f"unknown remote data set {name!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                         + f"; available: {', '.join(sorted(REMOTE))}")
     return [fetch_file(f, folder_for(name), progress=progress) for f in REMOTE[name].files]
 
 

@@ -28,6 +28,17 @@ from . import kernels as _kernels
 
 Array = jax.Array
 LOSSES = ("mse", "xent")
+LR_SCHEDULES = ("constant", "onecycle", "cosine")
+
+
+def _schedule(lr: float, name: str, total: int):
+    """The learning rate of each step (see ``train``'s ``lr_schedule``)."""
+    if name == "constant":
+        return lr
+    if name == "onecycle":
+        return optax.cosine_onecycle_schedule(max(int(total), 1), lr, pct_start=0.3, div_factor=25.0,
+                                              final_div_factor=1e4)
+    return optax.cosine_decay_schedule(lr, max(int(total), 1))
 
 
 def _targets(y, k: int, loss: str) -> Array:
@@ -122,6 +133,7 @@ def train(
     stop_loss: float | None = None,
     progress: bool = False,
     recompute_stats: bool = False,
+    lr_schedule: str = "constant",
 ) -> TrainResult:
     """Train ``apply_fn``'s parameters by full-batch GD or mini-batch SGD with optax.
 
@@ -151,6 +163,10 @@ def train(
         several networks "to the same loss"); the last step is then also recorded when
         ``record_steps`` asks for steps that were not reached.
       progress: show a tqdm bar.
+      lr_schedule: ``"constant"`` (default), ``"onecycle"`` (PyTorch's ``OneCycleLR`` defaults:
+        from ``lr / 25`` up to ``lr`` over the first 30% of the steps, then cosine annealing to
+        ``lr / 25e4``; ``lr`` is the peak) or ``"cosine"`` (cosine decay from ``lr`` to 0), over
+        the steps of this call.
       recompute_stats: batch-norm models only: after the last step, replace the running
         statistics by the statistics of the training inputs under the final parameters
         (:meth:`~ntk_tutorial.models.FunctionalModel.population_stats`, in batches of
@@ -174,8 +190,11 @@ def train(
 
     stats = getattr(apply_fn, "batch_stats", None)  # batch-norm running statistics, if any
     bn = stats is not None
+    if lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
     step_fn, opt = _step_fn(apply_fn.template if bn else apply_fn, loss, float(lr), float(momentum),
-                            float(weight_decay), bool(dropout), bn)
+                            float(weight_decay), bool(dropout), bn, lr_schedule,
+                            total if lr_schedule != "constant" else 1)
     opt_state = opt.init(params)
 
     rec_steps = sorted({int(s) for s in record_steps})
@@ -232,6 +251,7 @@ def train(
         stats = apply_fn.with_batch_stats(stats).population_stats(params, x, batch_size)
     config = dict(lr=lr, steps=len(losses), stop_loss=stop_loss, loss=loss, batch_size=batch_size, momentum=momentum,
                   weight_decay=weight_decay, dropout=dropout, recompute_stats=recompute_stats,
+                  lr_schedule=lr_schedule,
                   key=None if key is None else np.asarray(jax.random.key_data(key)).tolist())
     return TrainResult(
         params=params,
@@ -247,11 +267,11 @@ def train(
 
 @lru_cache(maxsize=64)
 def _step_fn(apply_fn: Callable, loss: str, lr: float, momentum: float, weight_decay: float,
-             dropout: bool, bn: bool):
+             dropout: bool, bn: bool, lr_schedule: str = "constant", total: int = 1):
     """The jitted optimiser step for these settings, compiled once and reused by later calls
     (active learning trains the same network every cycle).  Returns ``(step_fn, optimizer)``."""
     per_example = loss_fn(loss)
-    opt = optax.sgd(lr, momentum=momentum or None)
+    opt = optax.sgd(_schedule(lr, lr_schedule, total), momentum=momentum or None)
 
     def objective(p, bs, xb, tb, dkey):
         if bn:

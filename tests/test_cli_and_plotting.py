@@ -51,7 +51,7 @@ def test_select_by_number_and_name(tmp_path):
     assert [p.stem for p in nbs] == ["00_start_here", "01_paths", "02_pntk"]
     assert [p.stem for p in cli.select(nbs, ["2"])] == ["02_pntk"]
     assert [p.stem for p in cli.select(nbs, ["paths", "00"])] == ["00_start_here", "01_paths"]
-    with pytest.raises(SystemExit, match="no notebook matches '7'"):
+    with pytest.raises(cli.UsageError, match="no notebook matches '7'"):
         cli.select(nbs, ["7"])
 
 

@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ntk_tutorial import finetune, kernels, train
+from ntk_tutorial import finetune, kernels
 from helpers import reference_entk, rel_err
 
 

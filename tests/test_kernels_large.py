@@ -4,7 +4,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -65,12 +64,15 @@ def test_kernel_written_to_a_memory_mapped_file(tmp_path):
 
 def test_memory_guard_names_the_disk_route(tmp_path, monkeypatch):
     apply_fn, params = mlp((5, 8, 3))
-    x = jax.random.normal(jax.random.key(4), (12, 5), dtype=jnp.float64)
-    monkeypatch.setenv(kernels.MEMORY_ENV, "1000")
+    x = jax.random.normal(jax.random.key(4), (400, 5), dtype=jnp.float64)
+    # 1 MB: the 1.28 MB kernel does not fit, its 50 x 50 blocks do (the disk route checks those)
+    monkeypatch.setenv(kernels.MEMORY_ENV, str(10**6))
     with pytest.raises(kernels.KernelTooLargeError, match=r"out='kernel\.npy'"):
         kernels.pntk(apply_fn, params, x)
-    disk = kernels.pntk(apply_fn, params, x, out=tmp_path / "k.npy")  # the disk route works
-    assert disk.shape == (12, 12)
+    disk = kernels.pntk(apply_fn, params, x, out=tmp_path / "k.npy", batch_size=50)  # the disk route works
+    assert disk.shape == (400, 400)
+    with pytest.raises(kernels.KernelTooLargeError, match="smaller batch_size"):
+        kernels.pntk(apply_fn, params, x, out=tmp_path / "k2.npy", batch_size=400)
     with pytest.raises(ValueError, match="does not exist"):
         kernels.pntk(apply_fn, params, x, out=tmp_path / "missing" / "k.npy")
 

@@ -348,6 +348,9 @@ def test_covariance_change_equals_direct(p, relative, reduce):
     else:  # flips: compare where no pool point sits within round-off of an arg-max tie
         after = direct + reference
         top2 = np.sort(after, axis=-1)[..., -2:]
+        if after.shape[-1] < 2:  # one output: its arg-max never flips
+            assert not np.any(got) and not np.any(same)
+            return
         clear = np.all(top2[..., 1] - top2[..., 0] > 1e-8, axis=-1)
         want = np.sum(np.argmax(after, -1) != np.argmax(reference, -1)[None], axis=-1)
         assert np.array_equal(got[clear], want[clear]) and np.array_equal(same[clear], want[clear])

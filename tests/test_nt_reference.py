@@ -6,7 +6,6 @@ legacy environment of environment-nt.yml and is read here with plain numpy.
 
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -185,7 +185,8 @@ def test_cli_data_list_and_fetch_unknown(cache):
     assert out.returncode == 0 and "cifar10" in out.stdout and "missing" in out.stdout
     bad = subprocess.run([sys.executable, "-m", "ntk_tutorial.cli", "data", "fetch", "imagenet"],
                          capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 1 and "unknown remote data set 'imagenet'" in bad.stderr
+    assert bad.returncode == 2 and "unknown remote data set 'imagenet'" in bad.stderr  # a usage error
+    assert len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
 
 
 def test_idx_parser_rejects_garbage(tmp_path):
@@ -193,3 +194,75 @@ def test_idx_parser_rejects_garbage(tmp_path):
     p.write_bytes(b"\x01\x02\x03\x04")
     with pytest.raises(ValueError, match="magic"):
         remote.read_idx(p)
+
+
+class Trickle:
+    """A loopback server that sends one byte every ``gap`` seconds, for at most ``limit`` seconds
+    (so a client without an overall deadline fails on a short body, never hangs the tests)."""
+
+    def __init__(self, gap=0.3, limit=20.0):
+        outer = self
+        self.sent = 0
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                self.send_response(200)
+                self.send_header("Content-Length", "100000")
+                self.end_headers()
+                start = time.monotonic()
+                try:
+                    while time.monotonic() - start < limit:
+                        self.wfile.write(b"x")
+                        self.wfile.flush()
+                        outer.sent += 1
+                        time.sleep(gap)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_a_trickling_host_hits_the_overall_deadline(cache, monkeypatch):
+    """A mirror sending a byte every two seconds kept `data fetch` alive far past its timeout:
+    the timeout is per read, each byte resets it.  The overall deadline stops it, leaves no
+    partial file and says so."""
+    monkeypatch.setenv(remote.TIMEOUT_ENV, "5")  # longer than the gaps: only the deadline can stop it
+    monkeypatch.setenv(remote.DEADLINE_ENV, "1.5")
+    with Trickle(gap=0.3, limit=20.0) as srv:
+        slow = replace(remote.REMOTE["mnist"].files[1], urls=(f"{srv.url}/t.gz",))
+        with pytest.raises(remote.DownloadError, match=r"overall deadline of 1\.5 s.*NTK_TUTORIAL_DOWNLOAD_DEADLINE"):
+            remote.fetch_file(slow, cache / "m")
+        assert 0 < srv.sent < 100  # it was reading, and stopped long before the body's end
+    assert not any((cache / "m").iterdir()), "no partial file may remain"
+    monkeypatch.setenv(remote.DEADLINE_ENV, "soon")
+    with pytest.raises(ValueError, match="NTK_TUTORIAL_DOWNLOAD_DEADLINE must be a number of seconds"):
+        remote.fetch_file(slow, cache / "m")
+
+
+def test_mnist_tries_a_working_mirror_first_and_names_it_offline(cache):
+    """The first host tried for MNIST (yann.lecun.com) has answered 403 for years: a working
+    mirror comes first, is the one the offline message names, and the original host is last."""
+    for f in remote.REMOTE["mnist"].files:
+        hosts = [u.rsplit("/", 1)[0] + "/" for u in f.urls]
+        assert hosts[0] == "https://ossci-datasets.s3.amazonaws.com/mnist/"
+        assert "yann.lecun.com" in hosts[-1] and len(set(hosts)) == len(hosts) == 3
+        assert all(u.endswith("/" + f.name) for u in f.urls) and len(f.sha256) == 64
+    dead = replace(remote.REMOTE["mnist"].files[1],
+                   urls=tuple("http://127.0.0.1:9/" + u.split("://", 1)[1] for u in remote.REMOTE["mnist"].files[1].urls))
+    with pytest.raises(remote.DownloadError) as err:
+        remote.fetch_file(dead, cache / "m")
+    assert "download it elsewhere from http://127.0.0.1:9/ossci-datasets.s3.amazonaws.com/mnist/" in str(err.value)
+    assert "\n" not in str(err.value)  # one line

@@ -20,16 +20,24 @@ seed, labelled indices, queried indices, accuracy, timings, package versions) an
 trained parameters of the cycle beside it (``<strategy>_seed<k>.cycleNNN.npz``).  Running again
 resumes after the last complete cycle: the labelled set and the warm-start parameters are
 restored, every random choice is derived from ``(seed, cycle)``, so an interrupted run continues
-exactly as an uninterrupted one would have.  A corrupt file or a different configuration raises
-:class:`ResultsError` saying what to do.
+exactly as an uninterrupted one would have.  A results file is locked while a run writes it
+(:class:`RunLock`: a second run on it is refused, naming the process).  Lines that cannot be
+resumed (corrupt, repeated, out of order) are moved to ``<file>.rejected`` with a
+:class:`ResultsWarning` and every valid cycle is kept; a different configuration raises
+:class:`ResultsError` saying what to do.  Every configuration field is checked by type and range
+(:class:`FieldSpec`, :class:`ConfigError`), and a look-ahead run that would not fit in memory is
+refused before anything is trained.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import time
-from dataclasses import asdict, dataclass, fields, replace
+import warnings
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -37,7 +45,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import kernels as _kernels
 from .. import lookahead
 from . import strategies as _s
 
@@ -50,7 +57,157 @@ NOT_COMPARED = ("cycles",)
 
 
 class ResultsError(RuntimeError):
-    """A results file that cannot be resumed (corrupt, or written with another configuration)."""
+    """A results file that cannot be resumed (corrupt, written with another configuration, or
+    being written by another run)."""
+
+
+class ResultsWarning(UserWarning):
+    """Lines of a results file set aside (corrupt, duplicated or out of order); they are kept in
+    ``<file>.rejected``, never deleted."""
+
+
+class ConfigError(ValueError):
+    """A configuration field of the wrong type or out of range (``field``: its name, or ``None``
+    for a rule across fields; ``reason``: what was wrong and what is expected)."""
+
+    def __init__(self, field: str | None, reason: str, text: str | None = None):
+        self.field, self.reason, self.text = field, reason, text
+        super().__init__(text or (reason if field is None else f"{field} {reason}"))
+
+    def __reduce__(self):  # picklable: errors of worker processes (al --jobs N) reach the parent
+        return (type(self), (self.field, self.reason, self.text))
+
+
+# ---------------------------------------------------------------------------------------------
+# configuration fields: one declaration per field (type, range, allowed values) in its metadata;
+# ALConfig, --config files and the command line's options all go through FieldSpec.validate
+# ---------------------------------------------------------------------------------------------
+
+
+def _describe(value: Any) -> str:
+    kind = {str: "a string", bool: "a boolean", float: "a number", int: "an integer", list: "a list",
+            tuple: "a tuple", dict: "an object", type(None): "null"}.get(type(value), type(value).__name__)
+    return f"{value!r} ({kind})"
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """What one :class:`ALConfig` field accepts.
+
+    ``kind``: ``"int"``, ``"float"``, ``"choice"`` or ``"widths"`` (a non-empty list of positive
+    integers); ``lo``/``hi`` bounds (``lo_open``/``hi_open``: strict); ``choices``: the allowed
+    strings, or a function returning them (late: registries of other modules); ``optional``:
+    ``None`` is allowed; ``rule``: ``(test, what it means)`` for a further constraint."""
+
+    kind: str
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    choices: Any = None
+    optional: bool = False
+    rule: tuple | None = None
+
+    def allowed(self) -> list[str]:
+        return list(self.choices() if callable(self.choices) else self.choices)
+
+    def expected(self) -> str:
+        """What the field accepts, in words (for messages and --help)."""
+        if self.kind == "choice":
+            text = "one of " + ", ".join(self.allowed())
+        elif self.kind == "widths":
+            text = "a list of positive integers such as [256, 256]"
+        else:
+            text = "an integer" if self.kind == "int" else "a finite number"
+            bounds = []
+            if self.lo is not None:
+                bounds.append(f"{'>' if self.lo_open else '>='} {self.lo:{'d' if self.kind == 'int' else 'g'}}")
+            if self.hi is not None:
+                bounds.append(f"{'<' if self.hi_open else '<='} {self.hi:{'d' if self.kind == 'int' else 'g'}}")
+            if bounds:
+                text += " " + " and ".join(bounds)
+            if self.rule is not None:
+                text += f" ({self.rule[1]})"
+        return text + (" or null (the default)" if self.optional else "")
+
+    def validate(self, name: str, value: Any) -> Any:
+        """``value`` in its canonical type (int, float, str, tuple of ints), or :class:`ConfigError`."""
+        if value is None:
+            if self.optional:
+                return None
+            raise ConfigError(name, f"must be {self.expected()}, got null")
+        if self.kind == "choice":
+            allowed = self.allowed()
+            if not isinstance(value, str) or value not in allowed:
+                import difflib
+
+                close = difflib.get_close_matches(str(value), allowed, n=1, cutoff=0.6)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                if not isinstance(value, str):
+                    raise ConfigError(name, f"must be {self.expected()}, got {_describe(value)}")
+                raise ConfigError(name, f"has no value {value!r}{hint}; choose {self.expected()}",
+                                  f"unknown {name} {value!r}{hint}; choose {self.expected()}")
+            return value
+        if self.kind == "widths":
+            if isinstance(value, str) or not isinstance(value, (list, tuple)) or not value or any(
+                    isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1 for v in value):
+                extra = (" (a string: write a list, e.g. [256] in a --config file, --hidden 256,256 on the "
+                         "command line)") if isinstance(value, str) else ""
+                raise ConfigError(name, f"must be {self.expected()}, got {value!r}{extra}")
+            return tuple(int(v) for v in value)
+        if self.kind == "int":
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+                raise ConfigError(name, f"must be {self.expected()}, got {_describe(value)}")
+            value = int(value)
+        else:
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+                raise ConfigError(name, f"must be {self.expected()}, got {_describe(value)}")
+            value = float(value)
+            if not math.isfinite(value):
+                raise ConfigError(name, f"must be {self.expected()}, got {value}")
+        low_bad = self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo)
+        high_bad = self.hi is not None and (value >= self.hi if self.hi_open else value > self.hi)
+        if low_bad or high_bad or (self.rule is not None and not self.rule[0](value)):
+            raise ConfigError(name, f"must be {self.expected()}, got {value}")
+        return value
+
+    def parse(self, name: str, text: str) -> Any:
+        """A command-line string as the field's value (then :meth:`validate`)."""
+        if self.optional and text.strip().lower() in ("none", "null", "default"):
+            return None
+        if self.kind == "int":
+            try:
+                value = int(text)
+            except ValueError:
+                raise ConfigError(name, f"must be {self.expected()}, got {text!r}") from None
+        elif self.kind == "float":
+            try:
+                value = float(text)
+            except ValueError:
+                raise ConfigError(name, f"must be {self.expected()}, got {text!r}") from None
+        elif self.kind == "widths":
+            try:
+                value = tuple(int(part) for part in text.split(","))
+            except ValueError:
+                raise ConfigError(name, f"must be comma-separated positive integers such as 256,256, "
+                                        f"got {text!r}") from None
+        else:
+            value = text
+        return self.validate(name, value)
+
+
+def _spec(default: Any, kind: str, **options) -> Any:
+    return field(default=default, metadata={"spec": FieldSpec(kind, **options)})
+
+
+def _datasets() -> list[str]:
+    from .. import data
+
+    return data.available()
+
+
+_NORMALIZE = ("standardize", "unit-norm", "none")
+_SEED_MAX = 2**31 - 1  # jax.random.key and numpy's generators take it on every platform
 
 
 @dataclass(frozen=True)
@@ -59,80 +216,77 @@ class ALConfig:
 
     ``data_seed`` fixes the train/test split (the same for every seed); ``seed`` draws the
     initial labelled set, the initial network, the candidate subsets and SGD's shuffling.
+    Every field is checked by type and range when the configuration is made
+    (:class:`FieldSpec` in each field's metadata; :class:`ConfigError` says which field, what it
+    got and what it accepts).
     """
 
-    dataset: str = "digits"
-    strategy: str = "random"
-    seed: int = 0
-    init: int = 20
-    query: int = 10
-    subset: int = 300
-    cycles: int = 5
-    model: str = "mlp"
-    hidden: tuple = (256,)
-    stages: int = 1  # wrn: stages of the released Wide_ResNet (its num_layers)
-    depth: int = 10  # wrn: depth 6n + 4, n blocks per stage
-    widen: int = 20  # wrn: widening factor k (channels 16k, then 32k, 64k, 128k per stage)
-    width: int = 64  # ResNet18: channels of the first stage
-    dropout: float = 0.0
-    loss: str = "mse"
-    lr: float = 0.5
-    epochs: int = 100
-    batch_size: int | None = None
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    kernel: str = "pntk"
-    ridge: float = 0.0
-    mc_samples: int = 20
-    relative_to: str | None = None  # None: "network" in batch mode, "proxy" otherwise (as released)
-    proxy: str = "linearised"
-    probabilities: str | None = None  # None: "simplex" for EMOC under the square loss, else softmax
-    bn_stats: str = "recompute"
-    mode: str = "batch"
-    step: int = 1
-    retrain_every: int = 0
-    data_seed: int = 0
-    n_train: int | None = None
-    n_test: int | None = None
-    normalize: str | None = None  # data.load's normalize= (None: the loader's default)
+    dataset: str = _spec("digits", "choice", choices=_datasets)
+    strategy: str = _spec("random", "choice", choices=lambda: list(_s.STRATEGIES))
+    seed: int = _spec(0, "int", lo=0, hi=_SEED_MAX)
+    init: int = _spec(20, "int", lo=1)
+    query: int = _spec(10, "int", lo=1)
+    subset: int = _spec(300, "int", lo=1)
+    cycles: int = _spec(5, "int", lo=1)
+    model: str = _spec("mlp", "choice", choices=lambda: MODELS)
+    hidden: tuple = _spec((256,), "widths")
+    stages: int = _spec(1, "int", lo=1, hi=3)  # wrn: stages of the released Wide_ResNet (its num_layers)
+    depth: int = _spec(10, "int", lo=10, rule=(lambda v: (v - 4) % 6 == 0, "6n + 4: 10, 16, 22, ..."))  # wrn
+    widen: int = _spec(20, "int", lo=1)  # wrn: widening factor k (channels 16k, then 32k, 64k, 128k per stage)
+    width: int = _spec(64, "int", lo=1)  # ResNet18: channels of the first stage
+    dropout: float = _spec(0.0, "float", lo=0.0, hi=1.0, hi_open=True)
+    loss: str = _spec("mse", "choice", choices=("mse", "xent"))
+    lr: float = _spec(0.5, "float", lo=0.0, lo_open=True)
+    # over each cycle's training: "onecycle" (lr is the peak) or "cosine"
+    lr_schedule: str = _spec("constant", "choice", choices=("constant", "onecycle", "cosine"))
+    epochs: int = _spec(100, "int", lo=1)
+    batch_size: int | None = _spec(None, "int", lo=1, optional=True)
+    momentum: float = _spec(0.0, "float", lo=0.0, hi=1.0, hi_open=True)
+    weight_decay: float = _spec(0.0, "float", lo=0.0)
+    kernel: str = _spec("pntk", "choice", choices=lambda: list(_s.KERNELS))
+    ridge: float = _spec(0.0, "float", lo=0.0)
+    mc_samples: int = _spec(20, "int", lo=1)
+    # None: "network" in batch mode, "proxy" otherwise (as released)
+    relative_to: str | None = _spec(None, "choice", choices=lambda: _s.REFERENCES, optional=True)
+    proxy: str = _spec("linearised", "choice", choices=lambda: _s.PROXIES)
+    # None: "simplex" for EMOC under the square loss, else softmax
+    probabilities: str | None = _spec(None, "choice", choices=lambda: _s.PROBABILITIES, optional=True)
+    bn_stats: str = _spec("recompute", "choice", choices=lambda: BN_STATS)
+    mode: str = _spec("batch", "choice", choices=lambda: MODES)
+    step: int = _spec(1, "int", lo=1)
+    retrain_every: int = _spec(0, "int", lo=0)
+    data_seed: int = _spec(0, "int", lo=0, hi=_SEED_MAX)
+    n_train: int | None = _spec(None, "int", lo=1, optional=True)
+    n_test: int | None = _spec(None, "int", lo=1, optional=True)
+    # data.load's normalize= (None: the loader's default)
+    normalize: str | None = _spec(None, "choice", choices=_NORMALIZE, optional=True)
 
     def __post_init__(self):
-        object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        for f in fields(self):  # type and range of every field, from its declaration
+            spec = f.metadata.get("spec")  # every field declares one (tests/test_faults.py checks)
+            if spec is not None:
+                object.__setattr__(self, f.name, spec.validate(f.name, getattr(self, f.name)))
         if self.relative_to is None:
             object.__setattr__(self, "relative_to", "network" if self.mode == "batch" else "proxy")
         if self.probabilities is None:
             object.__setattr__(self, "probabilities",
                                "simplex" if self.strategy == "emoc" and self.loss == "mse" else "softmax")
-        for name, allowed in (("relative_to", _s.REFERENCES), ("proxy", _s.PROXIES),
-                              ("probabilities", _s.PROBABILITIES), ("bn_stats", BN_STATS)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.proxy != "linearised" and self.strategy not in _s.LOOKAHEAD:
-            raise ValueError(f"proxy={self.proxy!r} is an approximation of retraining for the look-ahead "
-                             f"strategies ({', '.join(_s.LOOKAHEAD)}), not for {self.strategy!r}")
+            raise ConfigError(None, f"proxy={self.proxy!r} is an approximation of retraining for the look-ahead "
+                                    f"strategies ({', '.join(_s.LOOKAHEAD)}), not for {self.strategy!r}")
         if self.proxy != "linearised" and self.mode != "batch":
-            raise ValueError(f"proxy={self.proxy!r} runs in batch mode only; sequential querying "
-                             "conditions the linearised network's posterior")
-        _s.get(self.strategy)
-        if self.model not in MODELS:
-            raise ValueError(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}")
+            raise ConfigError(None, f"proxy={self.proxy!r} runs in batch mode only; sequential querying "
+                                    "conditions the linearised network's posterior")
         if self.mode != "batch" and self.strategy not in _s.LOOKAHEAD:
-            raise ValueError(
-                f"mode={self.mode!r} adds labels through the retraining proxy: it needs a "
-                f"look-ahead strategy ({', '.join(_s.LOOKAHEAD)}), not {self.strategy!r}; "
-                "use mode='batch' for the others")
+            raise ConfigError(None,
+                              f"mode={self.mode!r} adds labels through the retraining proxy: it needs a "
+                              f"look-ahead strategy ({', '.join(_s.LOOKAHEAD)}), not {self.strategy!r}; "
+                              "use mode='batch' for the others")
         if self.strategy == "bald" and not self.dropout > 0:
-            raise ValueError("strategy 'bald' samples dropout masks (MC dropout): set dropout > 0, "
-                             "e.g. --dropout 0.2 (the network is then trained with dropout too)")
-        if self.kernel not in _s.KERNELS:
-            raise ValueError(f"kernel must be one of {sorted(_s.KERNELS)}, got {self.kernel!r}")
-        for name in ("init", "query", "subset", "cycles", "step"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+            raise ConfigError(None, "strategy 'bald' samples dropout masks (MC dropout): set dropout > 0, "
+                                    "e.g. --dropout 0.2 (the network is then trained with dropout too)")
         if self.query > self.subset:
-            raise ValueError(f"query ({self.query}) must not exceed subset ({self.subset})")
+            raise ConfigError(None, f"query ({self.query}) must not exceed subset ({self.subset})")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -141,11 +295,27 @@ class ALConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ALConfig":
+        if not isinstance(d, dict):
+            raise ConfigError(None, f"a configuration is a JSON object of fields such as "
+                                    f'{{"epochs": 100}}, got {type(d).__name__}')
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"unknown configuration keys {sorted(unknown)}; known: {sorted(known)}")
+            import difflib
+
+            close = {u: difflib.get_close_matches(str(u), sorted(known), n=1) for u in unknown}
+            hints = "; ".join(f"{u!r}: did you mean {c[0]!r}?" for u, c in close.items() if c)
+            raise ConfigError(None, f"unknown configuration keys {sorted(map(str, unknown))}"
+                                    + (f" ({hints})" if hints else "") + f"; known: {sorted(known)}")
         return cls(**d)
+
+
+def field_spec(name: str) -> FieldSpec | None:
+    """The :class:`FieldSpec` of configuration field ``name`` (``None`` if it declares none)."""
+    for f in fields(ALConfig):
+        if f.name == name:
+            return f.metadata.get("spec")
+    raise KeyError(name)
 
 
 # Paper protocols (Mohamadi, Bae & Sutherland 2022, Sec. 5), a CPU stand-in of the MNIST one with
@@ -194,6 +364,11 @@ _PAPER_PROTOCOL = {
     "loss": ("released", "square loss on one-hot labels (criterion l2)"),
     "lr": ("released", "0.3 (example config); the released schedule is one-cycle (max 1.25), "
                        "ours constant: no schedule is implemented"),
+    "lr_schedule": ("ours", "constant: the released example config names a one-cycle schedule (peak "
+                            "1.25), built once per run; on the one-stage WRN with 100 labels a "
+                            "per-cycle one-cycle schedule was unstable (test accuracy 0.52-0.76 "
+                            "across 196-200 epochs, constant: 0.76-0.77), at 280 labels better "
+                            "(0.91-0.92 vs 0.85-0.91); --lr-schedule onecycle --lr 1.25 runs it"),
     "momentum": ("released", "0.9"),
     "weight_decay": ("released", "1e-4"),
     "batch_size": ("released", "128"),
@@ -233,6 +408,7 @@ PROVENANCE: dict[str, dict[str, tuple[str, str]]] = {
         "epochs": ("ours", "100 full-batch steps per cycle, warm-started"),
         "batch_size": ("ours", "full batch (GD): the labelled set is 100-280 points"),
         "momentum": ("ours", "plain GD"), "weight_decay": ("ours", "none"),
+        "lr_schedule": ("ours", "constant full-batch steps"),
         "normalize": ("ours", "pixels in [0, 1]: standardising near-constant border pixels blows up"),
     },
     "cpu-digits": {"dataset": ("ours", "sklearn's 8x8 digits: a tiny set for tests and quick looks")},
@@ -314,7 +490,11 @@ def config_from_preset(preset: str | None = None, **overrides) -> ALConfig:
     base: dict = {}
     if preset is not None:
         if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+            import difflib
+
+            close = difflib.get_close_matches(str(preset), list(PRESETS), n=1)
+            raise ConfigError(None, f"unknown preset {preset!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+                              + f"; choose one of {', '.join(PRESETS)}")
         base = dict(PRESETS[preset])
     base.update({k: v for k, v in overrides.items() if v is not None})
     return ALConfig.from_dict(base)
@@ -413,19 +593,113 @@ def _state(apply_fn, params) -> tuple:
 
 def _save_params(path: Path, params: Any) -> None:
     leaves = [np.asarray(x) for x in jax.tree.leaves(params)]
-    tmp = path.with_name(path.name + ".tmp.npz")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npz")
     np.savez(tmp, *leaves)
     os.replace(tmp, path)
 
 
+class ParamsUnreadable(ResultsError):
+    """A cycle's parameter file is missing or not a NumPy ``.npz`` (a run killed while writing
+    it, or a file replaced by something else)."""
+
+
 def _load_params(path: Path, template: Any) -> Any:
     leaves, treedef = jax.tree.flatten(template)
-    with np.load(path) as z:
-        stored = [z[f"arr_{i}"] for i in range(len(z.files))]
+    if not path.exists():
+        raise ParamsUnreadable(f"{path} is missing")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            stored = [z[f"arr_{i}"] for i in range(len(z.files))]
+    except Exception as err:  # noqa: BLE001 - zipfile, pickle and OS errors all mean "unreadable"
+        raise ParamsUnreadable(f"{path} is not a parameter file written by this runner "
+                               f"({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''})") from None
     if len(stored) != len(leaves) or any(a.shape != b.shape for a, b in zip(stored, leaves)):
-        raise ResultsError(f"{path} does not hold parameters of this model; delete it and the "
-                           ".jsonl beside it to start the run again")
+        raise ResultsError(f"{path} does not hold parameters of this model (another model or an older "
+                           "version of it); move the results folder aside, or use another --out folder")
     return jax.tree.unflatten(treedef, [jnp.asarray(a, dtype=b.dtype) for a, b in zip(stored, leaves)])
+
+
+# ---------------------------------------------------------------------------------------------
+# one run per results file: a lock
+# ---------------------------------------------------------------------------------------------
+
+
+def lock_path(results: str | os.PathLike) -> Path:
+    """The lock beside a results file: ``<file>.lock`` (it names the process holding it)."""
+    results = Path(results)
+    return results.with_name(results.name + ".lock")
+
+
+class RunLock:
+    """An exclusive lock on one results file, held while a run writes it.
+
+    ``flock`` on ``<file>.lock``: the operating system releases it when the process ends,
+    however it ends (SIGKILL included), so a lock is never stale; the file holds the process id,
+    host and start time for the message another run gets.  A second run on the same results
+    file raises :class:`ResultsError` naming the process that holds it, instead of writing every
+    cycle twice.
+    """
+
+    def __init__(self, results: str | os.PathLike):
+        self.results = Path(results)
+        self.path = lock_path(self.results)
+        self._fh = None
+
+    def holder(self) -> str:
+        try:
+            return self.path.read_text().strip()
+        except OSError:
+            return ""
+
+    def acquire(self) -> "RunLock":
+        import fcntl
+        import socket
+
+        while True:
+            fh = open(self.path, "a+")
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                fh.seek(0)
+                holder = fh.read().strip()
+                fh.close()
+                raise ResultsError(
+                    f"{self.results} is being written by another run ({holder or 'a process'}, lock "
+                    f"{self.path}); wait for it to finish or stop it, or use another --out folder: two "
+                    "runs on one results file would write every cycle twice") from None
+            try:  # the lock file may have been removed by the previous holder meanwhile: retry
+                same = os.fstat(fh.fileno()).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            fh.close()
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"process {os.getpid()} on {socket.gethostname()}, since "
+                 f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        fh.flush()
+        self._fh = fh
+        return self
+
+    def release(self) -> None:
+        if self._fh is None:
+            return
+        import fcntl
+
+        try:
+            self.path.unlink(missing_ok=True)
+        except OSError:
+            pass
+        fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
+        self._fh.close()
+        self._fh = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -439,52 +713,151 @@ def _comparable(cfg: dict) -> dict:
     return {k: v for k, v in full.items() if k not in NOT_COMPARED}
 
 
-def read_results(path: str | os.PathLike, config: ALConfig | None = None, *,
-                 repair: bool = False) -> list[dict]:
-    """The complete cycle records of a results file, checked.
+def rejected_path(results: str | os.PathLike) -> Path:
+    """Where lines set aside from a results file go: ``<file>.rejected`` (appended, never read)."""
+    results = Path(results)
+    return results.with_name(results.name + ".rejected")
 
-    A last line without its newline (a run killed while writing) is dropped, and with
-    ``repair=True`` cut from the file.  Raises :class:`ResultsError` for a corrupt line, cycles out
-    of order, or (when ``config`` is given) records written with another configuration.
-    """
-    path = Path(path)
-    if not path.exists():
-        return []
-    raw = path.read_bytes()
-    records, offset = [], 0
+
+def _config_difference(old: dict, new: dict) -> str:
+    old, new = _comparable(old), _comparable(new)
+    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    return ", ".join(f"{k}: file {old.get(k)!r} vs now {new.get(k)!r}" for k in diff)
+
+
+def _scan(path: Path, raw: bytes, config: ALConfig | None):
+    """Split a results file into ``(kept records, their raw lines, set-aside lines with reasons)``.
+
+    A record is kept when it is the next cycle, was written with the file's configuration and
+    continues the previous one (its labelled set is the previous labelled set plus the previous
+    queries).  A repeat of a kept cycle with the same labels (a second run that wrote the same
+    cycle again) is set aside as a duplicate; corrupt lines, gaps and conflicting records are set
+    aside too, and later lines that continue the chain are still kept."""
+    kept, kept_lines, aside = [], [], []
     lines = raw.split(b"\n")
     for i, line in enumerate(lines):
         last = i == len(lines) - 1
-        if last and line.strip():
-            # no trailing newline: an interrupted write
-            if repair:
-                with open(path, "r+b") as fh:
-                    fh.truncate(offset)
-            break
-        offset += len(line) + 1
         if not line.strip():
             continue
+        if last:  # no trailing newline: an interrupted write
+            aside.append((i + 1, line, "incomplete last line (a run stopped while writing it)"))
+            break
         try:
             rec = json.loads(line)
             if not isinstance(rec, dict) or "cycle" not in rec or "config" not in rec:
                 raise ValueError("not a cycle record")
-        except ValueError as err:
+            cycle = int(rec["cycle"])
+            labelled, queried = list(rec["labelled"]), list(rec["queried"])
+        except (ValueError, TypeError, KeyError) as err:
+            aside.append((i + 1, line, f"corrupt ({err})"))
+            continue
+        if cycle < len(kept) and cycle >= 0:
+            same = kept[cycle]["labelled"] == labelled and kept[cycle]["queried"] == queried
+            aside.append((i + 1, line, f"a second copy of cycle {cycle}" + ("" if same else " with other labels")))
+            continue
+        if cycle != len(kept):
+            aside.append((i + 1, line, f"cycle {cycle} where cycle {len(kept)} was expected"))
+            continue
+        if kept:
+            prev = kept[-1]
+            if _comparable(rec["config"]) != _comparable(prev["config"]):
+                aside.append((i + 1, line, "written with another configuration "
+                                           f"({_config_difference(prev['config'], rec['config'])})"))
+                continue
+            if labelled != list(prev["labelled"]) + list(prev["queried"]):
+                aside.append((i + 1, line, f"cycle {cycle} does not continue cycle {cycle - 1} (other labels)"))
+                continue
+        elif config is not None and _comparable(rec["config"]) != _comparable(config.to_dict()):
             raise ResultsError(
-                f"{path}, line {i + 1}, is corrupt ({err}): {line[:80]!r}. The file cannot be "
-                f"resumed; delete it (and {path.stem}.cycle*.npz beside it) to rerun from scratch, "
-                "or remove that line and every later one to resume before it") from None
-        if rec["cycle"] != len(records):
-            raise ResultsError(f"{path}, line {i + 1}: cycle {rec['cycle']} where cycle {len(records)} "
-                               "was expected; the file was edited or written twice. Delete it to rerun")
-        if config is not None and _comparable(rec["config"]) != _comparable(config.to_dict()):
-            old, new = _comparable(rec["config"]), _comparable(config.to_dict())
-            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-            details = ", ".join(f"{k}: file {old.get(k)!r} vs now {new.get(k)!r}" for k in diff)
-            raise ResultsError(
-                f"{path} was written with another configuration ({details}). Use another --out "
-                "folder, rerun with the file's settings, or delete the file to start again")
-        records.append(rec)
-    return records
+                f"{path} was written with another configuration ({_config_difference(rec['config'], config.to_dict())}). "
+                "Use another --out folder, rerun with the file's settings, or move the file aside to start again")
+        kept.append(rec)
+        kept_lines.append(line)
+    return kept, kept_lines, aside
+
+
+def _set_aside(path: Path, kept_lines: list[bytes], aside: list[tuple[int, bytes, str]]) -> Path:
+    """Append the set-aside lines to ``<file>.rejected`` and rewrite the file with the kept ones
+    (atomically: a temporary file renamed over it)."""
+    rej = rejected_path(path)
+    with open(rej, "ab") as fh:
+        for _, line, _ in aside:
+            fh.write(line + b"\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(b"".join(line + b"\n" for line in kept_lines))
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return rej
+
+
+def read_results(path: str | os.PathLike, config: ALConfig | None = None, *,
+                 repair: bool = False) -> list[dict]:
+    """The valid cycle records of a results file, in order.
+
+    Every valid cycle is kept (see :func:`_scan`): a last line without its newline (a run killed
+    while writing), corrupt lines, repeated cycles (two runs on one file) and records that do not
+    continue the chain are set aside with a :class:`ResultsWarning` naming them.  With
+    ``repair=True`` they are moved to ``<file>.rejected`` (never deleted) and the file keeps the
+    valid cycles, so a run resumes after the last of them.  Raises :class:`ResultsError` when
+    ``config`` is given and the file was written with another configuration.
+    """
+    path = Path(path)
+    if not path.exists():
+        return []
+    if path.is_dir():
+        raise ResultsError(f"{path} is a folder, not a results file")
+    raw = path.read_bytes()
+    kept, kept_lines, aside = _scan(path, raw, config)
+    real = [a for a in aside if not a[2].startswith("incomplete last line")]
+    if aside and repair:
+        rej = _set_aside(path, kept_lines, aside)
+        if real:
+            warnings.warn(ResultsWarning(
+                f"{path}: {len(real)} line(s) set aside into {rej} ("
+                + "; ".join(f"line {n}: {why}" for n, _, why in real[:3]) + ("; ..." if len(real) > 3 else "")
+                + f"); the {len(kept)} valid cycle(s) are kept"), stacklevel=2)
+    elif real:
+        warnings.warn(ResultsWarning(
+            f"{path}: {len(real)} line(s) skipped ("
+            + "; ".join(f"line {n}: {why}" for n, _, why in real[:3]) + ("; ..." if len(real) > 3 else "")
+            + f"); using its {len(kept)} valid cycle(s); resuming the run moves them to {rejected_path(path).name}"),
+            stacklevel=2)
+    return kept
+
+
+def _usable_records(path: Path, records: list[dict], template: Any) -> tuple[list[dict], Any]:
+    """The records whose run can be continued, and the warm-start state of the last of them.
+
+    A cycle's warm start is its saved parameters.  When those of the last cycle are missing or
+    unreadable, the last cycles are set aside into ``<file>.rejected`` back to one whose
+    parameters load (the run is deterministic: they are recomputed identically)."""
+    keep = len(records)
+    while keep:
+        try:
+            state = _load_params(_params_path(path, records[keep - 1]["cycle"]), template)
+        except ParamsUnreadable as err:
+            problem = str(err)
+            keep -= 1
+            continue
+        if keep < len(records):
+            lines = path.read_bytes().split(b"\n")
+            body = [line for line in lines if line.strip()]
+            _set_aside(path, body[:keep], [(0, line, "") for line in body[keep:]])
+            warnings.warn(ResultsWarning(
+                f"{path}: {problem}; cycles {keep}..{len(records) - 1} moved to {rejected_path(path).name} "
+                f"and recomputed from the parameters of cycle {keep - 1}"), stacklevel=2)
+        return records[:keep], state
+    if records:
+        body = [line for line in path.read_bytes().split(b"\n") if line.strip()]
+        _set_aside(path, [], [(0, line, "") for line in body])
+        warnings.warn(ResultsWarning(
+            f"{path}: no cycle's parameters can be read ({problem}); its {len(records)} cycle(s) moved to "
+            f"{rejected_path(path).name} and the run restarts from cycle 0"), stacklevel=2)
+    return [], None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -502,7 +875,7 @@ def _train(apply_fn, params, x, y, config: ALConfig, key):
     res = train(apply_fn, params, x, y, lr=config.lr, epochs=config.epochs, loss=config.loss,
                 batch_size=bs, momentum=config.momentum, weight_decay=config.weight_decay,
                 dropout=config.dropout > 0, key=key if stochastic else None,
-                recompute_stats=config.bn_stats == "recompute")
+                recompute_stats=config.bn_stats == "recompute", lr_schedule=config.lr_schedule)
     return res.apply_fn, res.params
 
 
@@ -524,12 +897,11 @@ def _sequential_query(apply_fn, params, config, ds, labelled, cand, key, timings
         lab = np.asarray(list(labelled) + queried)
         pool = np.asarray([i for i in cand if i not in set(queried)])
         m = len(pool)
-        size = m * (k if config.kernel == "entk" else 1)
-        need, have = 3 * 8 * size**2, _kernels.available_memory()
-        if need > 0.8 * have:
-            raise ValueError(f"sequential querying keeps the posterior covariance of the {m} candidates "
-                             f"({need / 2**30:.1f} GiB with kernel {config.kernel!r}) but {have / 2**30:.1f} GiB "
-                             "is available: use --kernel pntk or a smaller --subset")
+        # the kernel, its float64 copy and the M x M pool posterior, checked before allocating
+        _s.check_lookahead_memory(apply_fn, params, len(lab), m, ds.x_train.shape[1:], ds.x_train.dtype, k,
+                                  kernel=config.kernel, sequential=True)
+        # exact copies of labelled points (picked ones included) teach nothing: never picked
+        known = _s.copies_of(ds.x_train[pool], ds.x_train[lab])
         x_all = jnp.asarray(np.concatenate([ds.x_train[lab], ds.x_train[pool]]))
         start = time.perf_counter()
         k_all = np.asarray(kern(apply_fn, params, x_all), np.float64)
@@ -549,9 +921,11 @@ def _sequential_query(apply_fn, params, config, ds, labelled, cand, key, timings
             scores = _s.posterior_scores(post, objective, network=f_all[n:], relative_to=config.relative_to,
                                          probabilities_how=config.probabilities)
             scores[picked] = -np.inf  # picked points stay in the sum, but are not picked again
+            scores[known] = -np.inf
             pick = _s.top_b(scores, s, jax.random.fold_in(key, len(queried) + len(picked)))
             post = lookahead.condition(post, pick, eye[ds.y_train[pool[pick]]])  # true labels
             picked += [int(i) for i in pick]
+            known |= _s.copies_of(ds.x_train[pool], ds.x_train[pool[pick]])
         queried += [int(pool[i]) for i in picked]
         if len(queried) < config.query:  # SGD retraining every retrain_every labels
             lab2 = np.asarray(list(labelled) + queried)
@@ -561,19 +935,48 @@ def _sequential_query(apply_fn, params, config, ds, labelled, cand, key, timings
     return np.asarray(queried, np.int64), apply_fn, params
 
 
+def check_experiment_memory(config: ALConfig, apply_fn, params, x_shape, x_dtype, num_classes: int,
+                            n_pool: int, first_cycle: int = 0) -> None:
+    """Refuse, before anything is trained, a look-ahead experiment whose largest query round would
+    not fit in memory (:func:`strategies.check_lookahead_memory`): the first remaining cycle (the
+    most candidates) and the last (the most labels)."""
+    if config.strategy not in _s.LOOKAHEAD:
+        return
+    for cycle in sorted({first_cycle, config.cycles - 1}):
+        n = config.init + cycle * config.query
+        m = min(config.subset, max(n_pool - n, 0))
+        if m:
+            _s.check_lookahead_memory(apply_fn, params, n, m, x_shape, x_dtype, num_classes, kernel=config.kernel,
+                                      proxy=config.proxy, sequential=config.mode != "batch")
+
+
 def run_experiment(config: ALConfig | dict, out_dir: str | os.PathLike, *,
                    progress: Callable[[dict], None] | None = None) -> list[dict]:
     """Run (or resume) one experiment; returns every cycle's record (old and new).
 
-    ``progress(record)`` is called after each new cycle.
+    ``progress(record)`` is called after each new cycle.  The results file is locked while the
+    run writes it (:class:`RunLock`: a second run on it raises :class:`ResultsError` naming the
+    process); a look-ahead run that would not fit in memory is refused before any training
+    (:class:`kernels.KernelTooLargeError`).
     """
-    from ..plotting import versions
-
     if isinstance(config, dict):
         config = ALConfig.from_dict(config)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if not os.access(out_dir, os.W_OK):
+            raise PermissionError(13, "not writable")
+    except OSError as err:
+        raise ResultsError(f"cannot write results to {out_dir}: {err.strerror or err}; choose another "
+                           "results folder (--out)") from None
     path = results_path(out_dir, config)
+    with RunLock(path):
+        return _run_locked(config, path, progress)
+
+
+def _run_locked(config: ALConfig, path: Path, progress) -> list[dict]:
+    from ..plotting import versions
+
     records = read_results(path, config, repair=True)
     if len(records) >= config.cycles:
         return records
@@ -581,18 +984,18 @@ def run_experiment(config: ALConfig | dict, out_dir: str | os.PathLike, *,
     ds = load_data(config)
     n_pool = len(ds.x_train)
     if config.init > n_pool:
-        raise ValueError(f"init ({config.init}) exceeds the {n_pool} training points")
+        raise ConfigError("init", f"({config.init}) exceeds the {n_pool} training points of {config.dataset!r}")
     apply_fn, params = build_model(config, int(np.prod(ds.x_train.shape[1:])), ds.num_classes,
                                    getattr(ds, "image_shape", None))
+    check_experiment_memory(config, apply_fn, params, ds.x_train.shape[1:], ds.x_train.dtype, ds.num_classes,
+                            n_pool, len(records))
     base_key = jax.random.key(config.seed)
+    if records:
+        records, state = _usable_records(path, records, _state(apply_fn, params))
     if records:
         last = records[-1]
         labelled = [int(i) for i in last["labelled"]] + [int(i) for i in last["queried"]]
-        ppath = _params_path(path, last["cycle"])
-        if not ppath.exists():
-            raise ResultsError(f"{ppath} (the warm-start parameters of cycle {last['cycle']}) is missing; "
-                               f"delete {path} to rerun from scratch")
-        params, stats = _load_params(ppath, _state(apply_fn, params))
+        params, stats = state
         if stats:
             apply_fn = apply_fn.with_batch_stats(stats)
     else:
@@ -656,18 +1059,46 @@ def run_experiment(config: ALConfig | dict, out_dir: str | os.PathLike, *,
     return records
 
 
+# More seeds than this in one command is a typo (0-99999999), not an experiment.
+MAX_SEEDS = 10_000
+
+
 def parse_seeds(text: str) -> list[int]:
-    """``"0-2"`` -> ``[0, 1, 2]``; ``"0,3,5"``; ``"4"``."""
+    """``"0-2"`` -> ``[0, 1, 2]``; ``"0,3,5"``; ``"4"``.  Seeds are integers in
+    ``[0, 2^31)``, at most :data:`MAX_SEEDS` of them; anything else raises ``ValueError``
+    saying what was expected."""
+    expected = "seeds such as 0-5 or 0,2,4 (integers >= 0)"
     out: list[int] = []
     for part in str(text).split(","):
         part = part.strip()
-        if "-" in part[1:]:
-            a, b = part.split("-", 1)
-            out.extend(range(int(a), int(b) + 1))
-        elif part:
-            out.append(int(part))
+        if not part:
+            continue
+        try:
+            rng = re.fullmatch(r"(-?\s*\d+)\s*-\s*(-?\d+)", part)
+            if rng:
+                lo, hi = int(rng.group(1).replace(" ", "")), int(rng.group(2))
+                if hi < lo:
+                    raise ValueError(f"the range {part!r} is empty (write low-high, e.g. 0-5)")
+                if lo < 0:
+                    raise ValueError(f"seeds are integers >= 0, got {lo}")
+                if hi - lo + 1 + len(out) > MAX_SEEDS:
+                    raise ValueError(f"{part!r} names {hi - lo + 1} seeds; at most {MAX_SEEDS} per command")
+                out.extend(range(lo, hi + 1))
+            else:
+                value = int(part)
+                if value < 0:
+                    raise ValueError(f"seeds are integers >= 0, got {value}")
+                out.append(value)
+        except ValueError as err:
+            if "invalid literal" in str(err):
+                raise ValueError(f"expected {expected}, got {text!r}") from None
+            raise
+        if out and max(out) > _SEED_MAX:
+            raise ValueError(f"seeds must be below 2^31, got {max(out)}")
+        if len(out) > MAX_SEEDS:
+            raise ValueError(f"{len(out)} seeds; at most {MAX_SEEDS} per command")
     if not out:
-        raise ValueError(f"no seeds in {text!r}")
+        raise ValueError(f"no seeds in {text!r}; expected {expected}")
     return out
 
 

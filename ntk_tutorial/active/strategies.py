@@ -348,10 +348,101 @@ def lookahead_setup(ctx: Context) -> Lookahead:
     return setup
 
 
+# the kinds of ntk_tutorial.kernels (its plan_kernel / kernel_memory) behind KERNELS
+KERNEL_KINDS = {"pntk": "pntk", "entk": "entk", "trace": "trace"}
+
+
+def lookahead_memory(apply_fn: Any, params: Any, n: int, m: int, x_shape: tuple, x_dtype: Any,
+                     num_classes: int, *, kernel: str = "pntk", proxy: str = "linearised",
+                     sequential: bool = False) -> int:
+    """Estimated peak bytes of one look-ahead query round on ``n`` labelled points and ``m``
+    candidates (per-example input shape ``x_shape``): the kernel on ``L u S`` (its route's peak,
+    :func:`kernels.plan_kernel`), its float64 copy made while it is alive, then the float64 copy
+    plus the look-ahead algebra (:func:`lookahead.fit_proxy_bytes`,
+    :func:`lookahead.posterior_change_bytes`, or with ``sequential`` the ``M x M`` pool
+    posterior, :func:`lookahead.pool_posterior_bytes`).  Nothing is computed."""
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; choose one of {sorted(KERNELS)}")
+    k, n, m = int(num_classes), int(n), int(m)
+    infinite = proxy in ("infinite-ntk", "gp")
+    scalar = kernel != "entk" or infinite
+    total = m if proxy == "one-step-sgd" else n + m
+    if infinite:
+        out = out64 = 8 * total * total
+        kernel_peak = _kernels._INFINITE_PEAK * out64
+    else:
+        x = jax.ShapeDtypeStruct((max(total, 1),) + tuple(x_shape), x_dtype)
+        plan = _kernels.plan_kernel(KERNEL_KINDS[kernel], apply_fn, params, x)
+        kernel_peak, out = plan.peak_bytes, plan.output_bytes
+        out64 = out * 8 // plan.itemsize
+    size_n = n * (1 if scalar else k)
+    proxy_state = 8 * 2 * size_n * size_n  # the Proxy keeps the kernel matrix and its factor
+    if proxy == "one-step-sgd":
+        algebra = 3 * out64
+    elif sequential:
+        algebra = max(lookahead.fit_proxy_bytes(n, k, scalar),
+                      proxy_state + lookahead.pool_posterior_bytes(n, m, k, scalar))
+    else:
+        algebra = max(lookahead.fit_proxy_bytes(n, k, scalar),
+                      proxy_state + lookahead.posterior_change_bytes(n, m, k, scalar))
+    return int(max(kernel_peak, out + out64, out64 + algebra))
+
+
+def check_lookahead_memory(apply_fn: Any, params: Any, n: int, m: int, x_shape: tuple, x_dtype: Any,
+                           num_classes: int, *, kernel: str = "pntk", proxy: str = "linearised",
+                           sequential: bool = False) -> None:
+    """Raise :class:`kernels.KernelTooLargeError` before a look-ahead round that would not fit
+    (:func:`lookahead_memory`), saying what to change."""
+    need = lookahead_memory(apply_fn, params, n, m, x_shape, x_dtype, num_classes, kernel=kernel,
+                            proxy=proxy, sequential=sequential)
+    what = (f"a look-ahead query round ({'sequential, ' if sequential else ''}kernel {kernel!r}, "
+            f"proxy {proxy!r}) on {n} labelled + {m} candidate points (the kernel, its float64 copy "
+            "and the look-ahead algebra)")
+    advice = ("use --kernel pntk (k^2 times smaller than the eNTK), " if kernel == "entk" else "use ")
+    _kernels.check_memory(need, what, advice + "a smaller --subset of candidates, or fewer labels; ")
+
+
+def copies_of(x_pool: Any, x_labelled: Any) -> np.ndarray:
+    """``(m,)`` True where a pool point is an exact copy of one of ``x_labelled`` (same values,
+    compared as the bytes of the rows in their common dtype)."""
+    x_pool, x_labelled = np.asarray(x_pool), np.asarray(x_labelled)
+    m = len(x_pool)
+    if not m or not len(x_labelled):
+        return np.zeros(m, bool)
+    dtype = np.result_type(x_pool.dtype, x_labelled.dtype)
+    a = np.ascontiguousarray(x_pool.reshape(m, -1), dtype=dtype)
+    b = np.ascontiguousarray(x_labelled.reshape(len(x_labelled), -1), dtype=dtype)
+    if a.shape[1] != b.shape[1]:
+        return np.zeros(m, bool)
+    row = np.dtype((np.void, a.dtype.itemsize * a.shape[1]))
+    return np.isin(a.view(row).ravel(), b.view(row).ravel())
+
+
+def _known(ctx: Context) -> np.ndarray:
+    """Candidates that are exact copies of labelled points (cached on the context)."""
+    if "known" not in ctx.cache:
+        ctx.cache["known"] = copies_of(ctx.x_pool, ctx.x_labelled)
+    return ctx.cache["known"]
+
+
+def _unknown_only(ctx: Context, scores: np.ndarray) -> np.ndarray:
+    """Look-ahead scores with exact copies of labelled points at ``-inf``: their Schur complement
+    is zero, so labelling one changes nothing (its label is known); "nothing to learn here", not
+    "infinitely informative", and never worth a second label while other candidates remain."""
+    known = _known(ctx)
+    if np.any(known):
+        scores = np.array(scores, np.float64)
+        scores[known] = -np.inf
+    return scores
+
+
 def _lookahead_setup(ctx: Context) -> Lookahead:
     if ctx.kernel not in KERNELS:
         raise ValueError(f"unknown kernel {ctx.kernel!r}; choose one of {sorted(KERNELS)}")
     n = len(ctx.x_labelled)
+    x_dtype = np.result_type(np.asarray(ctx.x_labelled).dtype, np.asarray(ctx.x_pool).dtype)
+    check_lookahead_memory(ctx.apply_fn, ctx.params, n, len(ctx.x_pool), np.shape(ctx.x_pool)[1:], x_dtype,
+                           ctx.num_classes, kernel=ctx.kernel, proxy=ctx.proxy)
     y_l = np.eye(ctx.num_classes)[ctx.y_labelled]
     if ctx.proxy == "one-step-sgd":
         k_ss = np.asarray(KERNELS[ctx.kernel](ctx.apply_fn, ctx.params, jnp.asarray(ctx.x_pool)), np.float64)
@@ -409,7 +500,7 @@ def lookahead_change(ctx: Context, y_candidates: np.ndarray, reduce: str | None 
 def mlmoc_scores(ctx: Context, reduce: str = "l2") -> np.ndarray:
     """Per-candidate MLMOC score with the pseudo-label ``argmax`` of the reference
     (``reduce``: ``"l2"`` Eq. 13, ``"flips"`` the released code's count)."""
-    return lookahead_change(ctx, lookahead.pseudo_labels(reference_outputs(ctx)), reduce)
+    return _unknown_only(ctx, lookahead_change(ctx, lookahead.pseudo_labels(reference_outputs(ctx)), reduce))
 
 
 def emoc_scores(ctx: Context) -> np.ndarray:
@@ -426,13 +517,13 @@ def emoc_scores(ctx: Context) -> np.ndarray:
         unit[:, 0] = 1.0
         geometry = lookahead_change(ctx, f_lin + unit, "l2")
         residual = np.linalg.norm(np.eye(k)[None, :, :] - f_lin[:, None, :], axis=2)  # (m, k)
-        return geometry * np.sum(p * residual, axis=1)
+        return _unknown_only(ctx, geometry * np.sum(p * residual, axis=1))
     total = np.zeros(m)
     for c in range(k):
         y = np.zeros((m, k))
         y[:, c] = 1.0
         total += p[:, c] * lookahead_change(ctx, y, "l2")
-    return total
+    return _unknown_only(ctx, total)
 
 
 # ---------------------------------------------------------------------------------------------
