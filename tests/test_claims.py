@@ -60,7 +60,9 @@ def test_write_ledger_replaces_the_table_between_its_markers(ledger):
 
 
 def code_cells(md: Path) -> list[str]:
-    return re.findall(r"```\{code-cell\}[^\n]*\n(.*?)```", md.read_text(), flags=re.S)
+    """The code of each MyST code cell, without its options block (``---`` ... ``---``)."""
+    cells = re.findall(r"```\{code-cell\}[^\n]*\n(.*?)```", md.read_text(), flags=re.S)
+    return [re.sub(r"\A---\n.*?\n---\n", "", c, count=1, flags=re.S) for c in cells]
 
 
 def literal_claim_ids(md: Path) -> list[str]:
