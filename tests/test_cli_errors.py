@@ -187,8 +187,11 @@ def test_interrupting_al_jobs_stops_every_worker_and_keeps_the_cycles(tmp_path, 
     args = CLI + ["al", "--preset", "cpu-digits", "--strategy", "random", "entropy", "--seeds", "0-1",
                   "--cycles", "60", "--init", "10", "--query", "2", "--subset", "40", "--hidden", "16",
                   "--epochs", "50", "--jobs", "2", "--out", str(out)]
+    # as from a terminal: Ctrl-C's default action (a test run started in the background of a
+    # non-interactive shell inherits SIGINT ignored, and the command would then rightly go on)
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-                            start_new_session=True)
+                            start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         for _ in range(3000):  # until the workers have written a few cycles (at most ~10 minutes)
             if _lines(out) >= 3 or proc.poll() is not None:
