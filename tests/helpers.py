@@ -1,4 +1,10 @@
-"""Independent references the unit tests compare against (no code shared with the package)."""
+"""Independent references the unit tests compare against (no code shared with the package), and
+small fixtures several test modules use."""
+
+import contextlib
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -30,3 +36,23 @@ def mlp(widths, seed=0, dtype=jnp.float64, **kw):
     model = models.MLP(widths, rngs=nnx.Rngs(params=jax.random.key(seed)), **kw)
     apply_fn, params = models.functional(model)
     return apply_fn, jax.tree.map(lambda a: a.astype(dtype), params)
+
+
+@contextlib.contextmanager
+def lock_held_elsewhere(path):
+    """Another process holds the runner's lock on the results file ``path`` while the block runs;
+    yields that process's id."""
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys
+        from ntk_tutorial.active.run import RunLock
+        with RunLock({str(path)!r}):
+            print("locked", flush=True)
+            sys.stdin.readline()
+    """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        yield holder.pid
+    finally:
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        holder.wait(timeout=60)

@@ -10,13 +10,13 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 import nbformat
 import pytest
 
+from helpers import lock_held_elsewhere
 from ntk_tutorial import remote
 from ntk_tutorial.active import run as R
 
@@ -132,22 +132,10 @@ def test_failures_end_in_one_line_and_status_1(folder, tmp_path):
 def test_a_second_run_on_the_same_folder_names_the_process_holding_it(tmp_path):
     cfg = R.config_from_preset("cpu-digits", init=10, query=5, subset=40, hidden=(16,), epochs=5, strategy="random")
     path = R.results_path(tmp_path, cfg)
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import sys
-        from ntk_tutorial.active.run import RunLock
-        with RunLock({str(path)!r}):
-            print("locked", flush=True)
-            sys.stdin.readline()
-    """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with lock_held_elsewhere(path) as pid:
         res = cli(["al", *TINY, "--cycles", "1", "--out", tmp_path], tmp_path)
-        one_line_error(res, 1, f"process {holder.pid}", "being written by another run")
+        one_line_error(res, 1, f"process {pid}", "being written by another run")
         assert not path.exists()
-    finally:
-        holder.stdin.write("\n")
-        holder.stdin.flush()
-        holder.wait(timeout=60)
     res = cli(["al", *TINY, "--cycles", "1", "--out", tmp_path], tmp_path)
     assert res.returncode == 0, res.stderr
     assert len(path.read_text().splitlines()) == 1

@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from ntk_tutorial import data, kernels, lookahead, models, train
 from ntk_tutorial.active import run as R
 from ntk_tutorial.active import strategies as S
-from helpers import mlp, reference_entk, rel_err
+from helpers import lock_held_elsewhere, mlp, reference_entk, rel_err
 
 # ---------------------------------------------------------------------------------------------
 # integer and boolean inputs: cast to the working float dtype, everywhere
@@ -401,22 +401,10 @@ TINY = dict(dataset="digits", init=10, query=5, subset=40, hidden=(32,), epochs=
 def test_a_second_run_on_a_results_file_names_the_process_holding_it(tmp_path):
     cfg = R.config_from_preset(None, **TINY, strategy="random", cycles=1)
     path = R.results_path(tmp_path, cfg)
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import sys, time
-        from ntk_tutorial.active.run import RunLock
-        with RunLock({str(path)!r}):
-            print("locked", flush=True)
-            sys.stdin.readline()
-    """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(R.ResultsError, match=rf"being written by another run \(process {holder.pid} "):
+    with lock_held_elsewhere(path) as pid:
+        with pytest.raises(R.ResultsError, match=rf"being written by another run \(process {pid} "):
             R.run_experiment(cfg, tmp_path)
         assert not path.exists() or not path.read_text()
-    finally:
-        holder.stdin.write("\n")
-        holder.stdin.flush()
-        holder.wait(timeout=60)
     assert len(R.run_experiment(cfg, tmp_path)) == 1  # released: the run goes ahead
     assert not R.lock_path(path).exists()
     # a holder killed with SIGKILL leaves no stale lock

@@ -41,7 +41,24 @@ def mat_bytes(x: np.ndarray, y: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-class Server:
+class Loopback:
+    """A threaded HTTP server on 127.0.0.1 (a free port) for ``handler``; a context manager."""
+
+    def _serve(self, handler):
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+class Server(Loopback):
     """Serves FILES[path] = bytes; '/stall/...' sends headers, then nothing for a while."""
 
     def __init__(self, files):
@@ -72,17 +89,7 @@ class Server:
                 self.end_headers()
                 self.wfile.write(body)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self._serve(Handler)
 
 
 def sha(b: bytes) -> str:
@@ -196,7 +203,7 @@ def test_idx_parser_rejects_garbage(tmp_path):
         remote.read_idx(p)
 
 
-class Trickle:
+class Trickle(Loopback):
     """A loopback server that sends one byte every ``gap`` seconds, for at most ``limit`` seconds
     (so a client without an overall deadline fails on a short body, never hangs the tests)."""
 
@@ -222,17 +229,7 @@ class Trickle:
                 except (BrokenPipeError, ConnectionResetError):
                     pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self._serve(Handler)
 
 
 def test_a_trickling_host_hits_the_overall_deadline(cache, monkeypatch):
