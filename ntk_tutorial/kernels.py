@@ -62,16 +62,25 @@ JACOBIAN_ENV = "NTK_TUTORIAL_JACOBIAN_BYTES"
 _MAX_JACOBIAN_BLOCK = 1024
 
 
+def _env_bytes(name: str, low: int, rule: str) -> int | None:
+    """The byte count in environment variable ``name`` (``None`` when unset or empty); a value
+    that is not a number, or is below ``low``, raises ``ValueError`` saying it must be ``rule``."""
+    env = os.environ.get(name)
+    if not env:
+        return None
+    try:
+        value = int(float(env))
+    except ValueError:
+        raise ValueError(f"{name} must be a number of bytes, got {env!r}") from None
+    if value < low:
+        raise ValueError(f"{name} must be {rule}, got {env!r}")
+    return value
+
+
 def _jacobian_budget() -> int:
     """Bytes one block of Jacobians may take on the generic route (see ``JACOBIAN_ENV``)."""
-    env = os.environ.get(JACOBIAN_ENV)
-    if env:
-        try:
-            value = int(float(env))
-        except ValueError:
-            raise ValueError(f"{JACOBIAN_ENV} must be a number of bytes, got {env!r}") from None
-        if value < 1:
-            raise ValueError(f"{JACOBIAN_ENV} must be positive, got {env!r}")
+    value = _env_bytes(JACOBIAN_ENV, 1, "positive")
+    if value is not None:
         return value
     device = jax.devices()[0]
     if device.platform != "cpu":
@@ -214,14 +223,8 @@ def _system_available_memory() -> int:
 
 def _available() -> tuple[int, str]:
     """``(bytes, where the number comes from)`` (see :func:`available_memory`)."""
-    env = os.environ.get(MEMORY_ENV)
-    if env:
-        try:
-            value = int(float(env))
-        except ValueError:
-            raise ValueError(f"{MEMORY_ENV} must be a number of bytes, got {env!r}") from None
-        if value < 0:
-            raise ValueError(f"{MEMORY_ENV} must be a number of bytes >= 0, got {env!r}")
+    value = _env_bytes(MEMORY_ENV, 0, "a number of bytes >= 0")
+    if value is not None:
         return value, f"${MEMORY_ENV}"
     system = _system_available_memory()
     cgroup = cgroup_available_memory()

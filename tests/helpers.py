@@ -56,3 +56,13 @@ def lock_held_elsewhere(path):
         holder.stdin.write("\n")
         holder.stdin.flush()
         holder.wait(timeout=60)
+
+
+def write_notebook(path, sources):
+    """A Python 3 notebook at ``path`` whose code cells are ``sources``."""
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(s) for s in sources]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)

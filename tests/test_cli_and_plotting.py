@@ -1,20 +1,12 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
-import nbformat
 import pytest
 
+from helpers import write_notebook
 from ntk_tutorial import cli, config
 from ntk_tutorial.plotting import save_figure
-
-
-def _notebook(path: Path, sources: list[str]) -> None:
-    nb = nbformat.v4.new_notebook()
-    nb.cells = [nbformat.v4.new_code_cell(s) for s in sources]
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nbformat.write(nb, path)
 
 
 def test_pick_follows_the_environment(monkeypatch):
@@ -58,8 +50,8 @@ def test_select_by_number_and_name(tmp_path):
 def test_reproduce_reports_the_failing_cell_and_continues(tmp_path):
     nbs = tmp_path / "notebooks"
     nbs.mkdir()
-    _notebook(nbs / "01_fails.ipynb", ["x = 1", "assert x == 2, 'claim broken'", "print('unreached')"])
-    _notebook(nbs / "02_works.ipynb", [
+    write_notebook(nbs / "01_fails.ipynb", ["x = 1", "assert x == 2, 'claim broken'", "print('unreached')"])
+    write_notebook(nbs / "02_works.ipynb", [
         "import os\nfrom ntk_tutorial import is_fast\nassert is_fast()",
         "import matplotlib.pyplot as plt\nfrom ntk_tutorial.plotting import save_figure\n"
         "fig, ax = plt.subplots(); save_figure(fig, 'tiny', {'a': 1})",

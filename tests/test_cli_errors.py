@@ -13,10 +13,9 @@ import sys
 import time
 from pathlib import Path
 
-import nbformat
 import pytest
 
-from helpers import lock_held_elsewhere
+from helpers import lock_held_elsewhere, write_notebook
 from ntk_tutorial import remote
 from ntk_tutorial.active import run as R
 
@@ -269,18 +268,11 @@ def test_al_plot_output_errors_and_partial_files(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-def _notebook(path: Path, sources: list[str]) -> None:
-    nb = nbformat.v4.new_notebook()
-    nb.cells = [nbformat.v4.new_code_cell(s) for s in sources]
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nbformat.write(nb, path)
-
-
 def test_reproduce_reports_an_invalid_notebook_and_an_unwritable_executed_folder_and_goes_on(tmp_path):
     nbs = tmp_path / "notebooks"
     nbs.mkdir()
     (nbs / "01_broken.ipynb").write_text("{ this is not json")
-    _notebook(nbs / "02_works.ipynb", ["x = 1 + 1", "assert x == 2"])
+    write_notebook(nbs / "02_works.ipynb", ["x = 1 + 1", "assert x == 2"])
     res = cli(["reproduce", "--fast", "--notebooks", nbs, "--figures", tmp_path / "figs",
                "--executed", tmp_path / "done"], tmp_path, timeout=600)
     assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
