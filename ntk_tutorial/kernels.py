@@ -49,17 +49,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import pergrad
+
 Array = jax.Array
 ApplyFn = Callable[[Any, Array], Array]
 
 KINDS = ("entk", "pntk", "trace", "single")
 MEMORY_ENV = "NTK_TUTORIAL_MAX_BYTES"
-# Budget for one block of Jacobians on the generic route when batch_size is not given: 512 MiB
-# on the CPU, a quarter of an accelerator's memory (large blocks recompute fewer Jacobians);
-# NTK_TUTORIAL_JACOBIAN_BYTES overrides both.
+# Budget for the Jacobians held in memory at once on the generic route when batch_size is not
+# given: on the CPU a quarter of the available memory, at least 512 MiB and at most 8 GiB; a
+# quarter of an accelerator's memory; NTK_TUTORIAL_JACOBIAN_BYTES overrides both.  Jacobians that
+# do not fit are computed once each and streamed through a scratch file (the "stream" route).
 _JACOBIAN_BLOCK_BYTES = 512 * 2**20
+_JACOBIAN_BLOCK_MAX = 8 * 2**30
 JACOBIAN_ENV = "NTK_TUTORIAL_JACOBIAN_BYTES"
-_MAX_JACOBIAN_BLOCK = 1024
+# Folder of the stream route's scratch file of Jacobians (default: the system's temporary folder)
+SCRATCH_ENV = "NTK_TUTORIAL_SCRATCH"
 
 
 def _env_bytes(name: str, low: int, rule: str) -> int | None:
@@ -78,7 +83,7 @@ def _env_bytes(name: str, low: int, rule: str) -> int | None:
 
 
 def _jacobian_budget() -> int:
-    """Bytes one block of Jacobians may take on the generic route (see ``JACOBIAN_ENV``)."""
+    """Bytes of Jacobians the generic route may hold in memory at once (see ``JACOBIAN_ENV``)."""
     value = _env_bytes(JACOBIAN_ENV, 1, "positive")
     if value is not None:
         return value
@@ -88,7 +93,7 @@ def _jacobian_budget() -> int:
             return int(device.memory_stats()["bytes_limit"]) // 4
         except Exception:  # backends without memory statistics
             pass
-    return _JACOBIAN_BLOCK_BYTES
+    return int(min(max(available_memory() // 4, _JACOBIAN_BLOCK_BYTES), _JACOBIAN_BLOCK_MAX))
 
 
 class KernelTooLargeError(MemoryError):
@@ -510,16 +515,91 @@ def _generic_block_fn(apply_fn: ApplyFn, kind: str) -> Callable:
     return block
 
 
-# Examples per vmapped gradient pass on the features route (64-256 were fastest per gradient on
-# the CPU; much larger chunks cost more per gradient).
+# Examples per gradient pass (64-256 were fastest per gradient on the CPU; much larger chunks
+# cost more per gradient); fewer when one example's activations, patches and features are large.
 _GRADIENT_CHUNK = 64
+# How per-example gradients are computed on the Jacobian route: "auto" (one batched backward
+# pass, :mod:`ntk_tutorial.pergrad`, wherever it applies, else vmap(grad)), "structured" (the
+# same, but a model it does not apply to raises) or "vmap" (always vmap(grad); benchmarks
+# compare the two).
+GRADIENTS = "auto"
+_EVALUATIONS = [0]
+
+
+def gradient_evaluations() -> int:
+    """Per-example gradient evaluations of the Jacobian route since this process started (one
+    per example and pass; the eNTK's ``k`` logits of one example count as one).  A kernel of
+    ``n`` points costs ``n`` of them when every gradient is computed once (:class:`KernelPlan`
+    states how many a kernel will take)."""
+    return _EVALUATIONS[0]
+
+
+def _struct(tree: Any) -> Any:
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.result_type(a)), tree)
+
+
+def _struct_key(tree: Any) -> Any:
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef, tuple((tuple(np.shape(a)), str(jnp.result_type(a))) for a in leaves)
+
+
+_ANALYSES: dict = {}
+
+
+def _gradient_analysis(apply_fn: ApplyFn, params: Any, chunk_shape: tuple, dtype: Any, aux: Any):
+    """``(pergrad.Analysis or None, reason)`` for ``apply_fn`` on chunks of this shape, cached
+    per architecture and shapes (the jaxpr is traced once)."""
+    key = (apply_fn, _struct_key(params), tuple(chunk_shape), str(dtype), _struct_key(aux))
+    if key not in _ANALYSES:
+        if len(_ANALYSES) > 256:
+            _ANALYSES.clear()
+        x = jax.ShapeDtypeStruct(tuple(chunk_shape), dtype)
+        try:
+            found = (pergrad.analyse(apply_fn, _struct(params), x, None if aux is None else _struct(aux)), "")
+        except pergrad.Unsupported as err:
+            found = (None, str(err))
+        except Exception as err:  # noqa: BLE001 - a model the analysis cannot trace: vmap(grad)
+            found = (None, f"{type(err).__name__}: {str(err)[:200]}")
+        _ANALYSES[key] = found
+    return _ANALYSES[key]
+
+
+def _gradient_mode(apply_fn: ApplyFn, params: Any, chunk_shape: tuple, dtype: Any, aux: Any) -> str:
+    """``"structured"`` or ``"vmap"`` (see ``GRADIENTS``)."""
+    if GRADIENTS not in ("auto", "structured", "vmap"):
+        raise ValueError(f"kernels.GRADIENTS must be 'auto', 'structured' or 'vmap', got {GRADIENTS!r}")
+    if GRADIENTS == "vmap":
+        return "vmap"
+    found, reason = _gradient_analysis(apply_fn, params, chunk_shape, dtype, aux)
+    if found is None and GRADIENTS == "structured":
+        raise ValueError(f"per-example gradients from one backward pass do not apply to this model "
+                         f"({reason}); set kernels.GRADIENTS = 'auto'")
+    return "vmap" if found is None else "structured"
 
 
 @lru_cache(maxsize=64)
-def _features_fn(apply_fn: ApplyFn, kind: str) -> Callable:
+def _features_fn(apply_fn: ApplyFn, kind: str, gradients: str = "vmap") -> Callable:
     """A jitted ``(params, x, aux) -> features`` with every leaf's gradient flattened into one
     axis: ``(c, P)`` for the pNTK and single-logit kernel (one gradient per example), ``(c, k, P)``
-    for the eNTK and trace kernel (one per example and logit)."""
+    for the eNTK and trace kernel (one per example and logit).  ``gradients="structured"``: all
+    examples' gradients from one batched backward pass (:mod:`ntk_tutorial.pergrad`); else
+    ``vmap`` of each example's own gradient."""
+    if gradients == "structured":
+        def features(p, x, aux):
+            out = jax.eval_shape(lambda q, xx, a: apply_fn(q, xx) if a is None else apply_fn(q, xx, a), p, x, aux)
+            c, k = out.shape
+            if kind == "pntk":
+                ct = jnp.full((c, k), 1.0 / math.sqrt(k), out.dtype)
+            elif kind == "single":
+                ct = jnp.zeros((c, k), out.dtype).at[:, 0].set(1.0)
+            else:  # one cotangent per logit: the rows of the Jacobian
+                ct = jnp.broadcast_to(jnp.eye(k, dtype=out.dtype)[:, None, :], (k, c, k))
+            grads = jax.tree.leaves(pergrad.per_example_grads(apply_fn, p, x, aux, ct))
+            if ct.ndim == 2:
+                return jnp.concatenate([g.reshape(c, -1) for g in grads], axis=1)
+            return jnp.concatenate([g.reshape(k, c, -1) for g in grads], axis=2).transpose(1, 0, 2)
+
+        return jax.jit(features)
     f = _single(apply_fn)
     if kind in ("entk", "trace"):
         def per_example(p, xi, aux):
@@ -535,11 +615,12 @@ def _features_fn(apply_fn: ApplyFn, kind: str) -> Callable:
     return jax.jit(jax.vmap(per_example, (None, 0, None)))
 
 
-def _all_features(apply_fn: ApplyFn, kind: str, params: Any, x: Array, aux: Any) -> Array:
-    """Per-example gradients of every point of ``x``, each computed once, in vmapped chunks of
-    ``_GRADIENT_CHUNK`` (the last chunk padded, so one compilation serves every chunk)."""
-    fn = _features_fn(apply_fn, kind)
-    n, c = x.shape[0], min(_GRADIENT_CHUNK, x.shape[0])
+def _all_features(apply_fn: ApplyFn, kind: str, params: Any, x: Array, aux: Any, chunk: int,
+                  gradients: str) -> Array:
+    """Per-example gradients of every point of ``x``, each computed once, in chunks of ``chunk``
+    examples (the last chunk padded, so one compilation serves every chunk)."""
+    fn = _features_fn(apply_fn, kind, gradients)
+    n, c = x.shape[0], min(chunk, x.shape[0])
     parts = []
     for i in range(0, n, c):
         xb = x[i:i + c]
@@ -547,7 +628,8 @@ def _all_features(apply_fn: ApplyFn, kind: str, params: Any, x: Array, aux: Any)
         if pad:
             xb = jnp.concatenate([xb, jnp.repeat(xb[-1:], pad, axis=0)])
         parts.append(fn(params, xb, aux)[:c - pad])
-    return jnp.concatenate(parts)
+        _EVALUATIONS[0] += c - pad
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
 
 
 def _feature_bytes(apply_fn: ApplyFn, params: Any, x: Array, kind: str) -> int:
@@ -555,6 +637,25 @@ def _feature_bytes(apply_fn: ApplyFn, params: Any, x: Array, kind: str) -> int:
     n_params = sum(int(leaf.size) for leaf in jax.tree.leaves(params))
     k = _output_shape(apply_fn, params, x).shape[-1]
     return n_params * (k if kind in ("entk", "trace") else 1) * np.dtype(x.dtype).itemsize
+
+
+def _chunk_size(apply_fn: ApplyFn, params: Any, x: Any, aux: Any, kind: str, k: int) -> tuple[int, str, int]:
+    """``(examples per gradient pass, "structured" or "vmap", transient bytes per example)``:
+    at most ``_GRADIENT_CHUNK``, fewer when one example's activations (``k`` backward passes for
+    the eNTK), image patches and features in flight would exceed half the Jacobian budget."""
+    chunk_shape = (min(_GRADIENT_CHUNK, int(x.shape[0])), *x.shape[1:])
+    gradients = _gradient_mode(apply_fn, params, chunk_shape, x.dtype, aux)
+    found, _ = _gradient_analysis(apply_fn, params, chunk_shape, x.dtype, aux)
+    kk = k if kind in ("entk", "trace") else 1
+    feats = sum(int(leaf.size) for leaf in jax.tree.leaves(params)) * kk * np.dtype(x.dtype).itemsize
+    act = patches = 0
+    if found is not None:
+        act, patches = found.activation_bytes, found.patch_bytes
+    else:  # without the analysis: the input and its first layer's worth, per example
+        act = 8 * math.prod(x.shape[1:]) * np.dtype(x.dtype).itemsize
+    transient = (1 + kk) * act + 2 * patches + 3 * feats
+    chunk = int(max(1, min(_GRADIENT_CHUNK, int(x.shape[0]), (_jacobian_budget() // 2) // max(transient, 1))))
+    return chunk, gradients, int(transient)
 
 
 _HIGHEST = jax.lax.Precision.HIGHEST  # full float32 products on accelerators too (no TF32)
@@ -661,16 +762,13 @@ def _choose_method(apply_fn: Any, method: str) -> str:
 
 
 def _auto_batch_size(apply_fn: ApplyFn, params: Any, x: Array, kind: str, method: str) -> int:
-    """Largest block whose Jacobians fit the per-block budget (generic route)."""
+    """Examples per block of Jacobians on the generic route: the resident block and the one
+    streamed against it fit the budget (:func:`_jacobian_budget`) together."""
     n = x.shape[0]
     if method == "dense":
         return n
-    n_params = sum(int(leaf.size) for leaf in jax.tree.leaves(params))
-    k = _output_shape(apply_fn, params, x).shape[-1]
-    per_example = n_params * (k if kind in ("entk", "trace") else 1) * np.dtype(x.dtype).itemsize * 2
-    # at most _MAX_JACOBIAN_BLOCK examples: the budget counts the Jacobians only, and the
-    # activations of a batched backward pass over many images come on top
-    return int(max(1, min(n, _MAX_JACOBIAN_BLOCK, _jacobian_budget() // max(per_example, 1))))
+    per_example = _feature_bytes(apply_fn, params, x, kind) * 2
+    return int(max(1, min(n, _jacobian_budget() // max(per_example, 1))))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -708,19 +806,52 @@ def _generic_block_peak(n_params: int, n1: int, n2: int, k: int, kind: str, s: i
     return 2 * (n1 + n2) * kk * n_params * s + 2 * out
 
 
+# per-example gradients run at about this fraction of the float32 matmul rate (measured on a
+# 2-core CPU by benchmarks/kernels.py: 0.3-0.6); KernelPlan.seconds uses it when not told
+GRADIENT_EFFICIENCY = 0.4
+
+
+@lru_cache(maxsize=1)
+def matmul_rate() -> float:
+    """This machine's float32 matrix-multiply rate in FLOP/s (a 1024 x 1024 product on the first
+    JAX device, best of five; measured once per process)."""
+    import time
+
+    a = jnp.ones((1024, 1024), jnp.float32)
+    mm = jax.jit(lambda u: jnp.matmul(u, u, precision=_HIGHEST))
+    mm(a).block_until_ready()
+    best = math.inf
+    for _ in range(5):
+        t = time.perf_counter()
+        mm(a).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * 1024**3 / best
+
+
 @dataclass(frozen=True)
 class KernelPlan:
-    """How a kernel will be computed and what it costs (:func:`plan_kernel`).
+    """How a kernel will be computed and what it costs (:func:`plan_kernel`; ``print(plan)``).
 
     Attributes:
       route: ``"dense"`` (one block of Gram matrices, MLPs), ``"features"`` (every per-example
-        gradient once, then one product), ``"block"`` (one Jacobian block), ``"blocks"`` (block
-        by block into a host array) or ``"disk"`` (block by block into ``out=``).
+        gradient once, then one product), ``"stream"`` (every per-example gradient once, written
+        to a scratch file; blocks of ``batch_size`` rows stay resident and the others are
+        streamed against them), ``"block"`` (one Jacobian block), ``"blocks"`` (block by block
+        into a host array, gradients recomputed per block pair: several devices or the dense
+        route in blocks) or ``"disk"`` (the same into ``out=``).
       method: ``"dense"`` or ``"jacobian"``.
       batch_size: examples per block.
       k: outputs of the network; itemsize: bytes per kernel entry.
       output_bytes: the kernel itself; peak_bytes: the estimated peak of the whole computation
         (output, intermediates, blocks in flight and copies), what the memory guard checks.
+      gradients: ``"structured"`` (one batched backward pass per chunk, :mod:`ntk_tutorial.pergrad`),
+        ``"vmap"`` (``vmap`` of each example's gradient) or ``"dense"`` (Gram matrices, no
+        per-example gradients); chunk: examples per gradient pass.
+      points: distinct examples; gradient_evaluations: per-example gradient passes in all
+        (``points`` when each is computed once); block_pairs: products of two blocks.
+      scratch_bytes: bytes the stream route writes to its scratch file (deleted afterwards).
+      gradient_flops, gram_flops: FLOPs of the gradient passes (XLA's count for one chunk) and
+        of the products (``None`` when the plan was made without costs).
     """
 
     route: str
@@ -730,49 +861,143 @@ class KernelPlan:
     itemsize: int
     output_bytes: int
     peak_bytes: int
+    gradients: str = "dense"
+    chunk: int = 0
+    points: int = 0
+    gradient_evaluations: int = 0
+    block_pairs: int = 1
+    scratch_bytes: int = 0
+    gradient_flops: float | None = None
+    gram_flops: float | None = None
+
+    @property
+    def evaluations_per_point(self) -> float:
+        """Gradient evaluations per distinct example (1.0: each computed once)."""
+        return self.gradient_evaluations / max(self.points, 1)
+
+    def seconds(self, gemm_flops_per_s: float | None = None,
+                gradient_flops_per_s: float | None = None) -> float | None:
+        """Estimated seconds: the products at ``gemm_flops_per_s`` (default :func:`matmul_rate`)
+        plus the gradient passes at ``gradient_flops_per_s`` (default ``GRADIENT_EFFICIENCY``
+        times the matmul rate); ``None`` for a plan made without costs."""
+        if self.gradient_flops is None or self.gram_flops is None:
+            return None
+        gemm = matmul_rate() if gemm_flops_per_s is None else float(gemm_flops_per_s)
+        grad = GRADIENT_EFFICIENCY * gemm if gradient_flops_per_s is None else float(gradient_flops_per_s)
+        return self.gram_flops / gemm + self.gradient_flops / grad
+
+    def __str__(self) -> str:
+        how = self.method if self.method == "dense" else f"{self.gradients} gradients, chunks of {self.chunk}"
+        lines = [f"route {self.route} ({how}), blocks of {self.batch_size} examples, "
+                 f"{self.block_pairs} block product(s)",
+                 f"gradient evaluations {self.gradient_evaluations} for {self.points} points "
+                 f"({self.evaluations_per_point:.2f} per point)",
+                 f"output {_gib(self.output_bytes)}, peak {_gib(self.peak_bytes)}"
+                 + (f", scratch on disk {_gib(self.scratch_bytes)}" if self.scratch_bytes else "")]
+        if self.gradient_flops is not None:
+            lines.append(f"{self.gradient_flops / 1e9:.3g} GFLOP of gradients + "
+                         f"{self.gram_flops / 1e9:.3g} GFLOP of products: about {self.seconds():.3g} s here")
+        return "\n".join(lines)
+
+
+_FLOPS: dict = {}
+
+
+def _chunk_flops(fn: Callable, params: Any, x: Any, aux: Any) -> float:
+    """XLA's FLOP count of one call of the jitted ``fn(params, x, aux)`` (lowered, not compiled)."""
+    key = (fn, _struct_key(params), tuple(x.shape), str(x.dtype), _struct_key(aux))
+    if key not in _FLOPS:
+        try:
+            cost = fn.lower(_struct(params), jax.ShapeDtypeStruct(x.shape, x.dtype),
+                            None if aux is None else _struct(aux)).cost_analysis()
+            cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+            _FLOPS[key] = float((cost or {}).get("flops", float("nan")))
+        except Exception:  # noqa: BLE001 - backends without a cost model
+            _FLOPS[key] = float("nan")
+    return _FLOPS[key]
+
+
+def _pair_rows(n1: int, n2: int, b1: int, b2: int, symmetric: bool) -> tuple[int, int]:
+    """``(block products, sum of rows1 * rows2 over them)``: with ``symmetric`` only the upper
+    triangle of block pairs is multiplied."""
+    s1 = [min(b1, n1 - i) for i in range(0, n1, b1)]
+    if symmetric:
+        return len(s1) * (len(s1) + 1) // 2, (sum(s1) ** 2 + sum(v * v for v in s1)) // 2
+    s2 = [min(b2, n2 - j) for j in range(0, n2, b2)]
+    return len(s1) * len(s2), sum(s1) * sum(s2)
 
 
 def _plan(kind: str, apply_fn: ApplyFn, params: Any, x1: Any, x2: Any, symmetric: bool,
-          batch_size: int | None, method: str, devices: list, out: Any) -> KernelPlan:
+          batch_size: int | None, method: str, devices: list, out: Any, costs: bool = False) -> KernelPlan:
     out_shape = _output_shape(apply_fn, params, x1)
     k = int(out_shape.shape[-1])
     n1, n2 = int(x1.shape[0]), int(x2.shape[0])
     itemsize = jnp.result_type(out_shape.dtype, x1.dtype).itemsize
     method = _choose_method(apply_fn, method)
-    if batch_size is None:
+    given = batch_size is not None
+    if given:
+        batch_size = _positive_int("batch_size", batch_size)
+    else:
         batch_size = _auto_batch_size(apply_fn, params, x1, kind, method)
         if out is not None:  # keep each block's output under 256 MiB: the kernel lives on disk
             per_row = kernel_nbytes(1, n2, k, kind, itemsize)
             batch_size = int(max(1, min(batch_size, (256 * 2**20) // per_row)))
-    else:
-        batch_size = _positive_int("batch_size", batch_size)
     output = kernel_nbytes(n1, n2, k, kind, itemsize)
     n_params = sum(int(leaf.size) for leaf in jax.tree.leaves(params))
-    whole = batch_size >= max(n1, n2)
+    points = n1 + (0 if symmetric else n2)
+    kk = k if kind in ("entk", "trace") else 1
+    # FLOPs of one kernel entry from two examples' features (the eNTK: k x k dot products)
+    entry_flops = 2.0 * n_params * (k * k if kind == "entk" else kk)
     # inputs cast by _validate are copies too (counted at the working itemsize)
-    inputs = (n1 + (0 if symmetric else n2)) * math.prod(x1.shape[1:]) * itemsize
+    inputs = points * math.prod(x1.shape[1:]) * itemsize
+
+    if method == "jacobian" and len(devices) == 1:
+        compiled_for, aux = _kernel_fn_and_aux(apply_fn)
+        chunk, gradients, transient = _chunk_size(compiled_for, params, x1, aux, kind, k)
+        f = _feature_bytes(apply_fn, params, x1, kind)
+        chunk_peak = chunk * transient
+        whole = batch_size >= max(n1, n2) if given else f * points <= _jacobian_budget()
+        gradient_flops = None
+        if costs:
+            per_chunk = _chunk_flops(_features_fn(compiled_for, kind, gradients), params,
+                                     jax.ShapeDtypeStruct((chunk, *x1.shape[1:]), x1.dtype), aux)
+            gradient_flops = per_chunk * points / chunk
+        if out is None and whole:
+            feats = points * f
+            # chunks and their concatenation, then the features and the product (eNTK: the
+            # product, its transposed copy and XLA's temporary)
+            peak = max(2 * feats + chunk_peak, feats + chunk_peak + (3 if kind == "entk" else 1.5) * output)
+            return KernelPlan("features", method, max(n1, n2), k, int(itemsize), int(output), int(peak + inputs),
+                              gradients, chunk, points, points, 1, 0, gradient_flops,
+                              entry_flops * n1 * n2 if costs else None)
+        b1, b2 = min(batch_size, n1), min(batch_size, n2)
+        pairs, rows = _pair_rows(n1, n2, b1, b2, symmetric)
+        scratch = (n1 if symmetric else n2) * f
+        # the resident block, the streamed one (read buffer and device copy), and either the
+        # gradient pass (with its block of features and their host copy) or the block product
+        # (on the device, its host copy, the transposed copy for the lower triangle)
+        product = 3 * kernel_nbytes(b1, b2, k, kind, itemsize)
+        blocks = b1 * f + 2 * b2 * f + max(chunk_peak + b2 * f, product)
+        peak = blocks if out is not None else output + max(blocks, 2 * output)
+        return KernelPlan("stream", method, int(batch_size), k, int(itemsize), int(output), int(peak + inputs),
+                          gradients, chunk, points, points, pairs, int(scratch), gradient_flops,
+                          entry_flops * rows if costs else None)
+
+    if method == "jacobian":  # several devices: each block recomputes its gradients
+        batch_size = min(batch_size, 1024)
+    whole = batch_size >= max(n1, n2)
 
     def block_peak(b1: int, b2: int) -> int:
         if method == "dense":
             return _dense_peak(apply_fn, params, b1, b2, k, kind, itemsize)
         return _generic_block_peak(n_params, b1, b2, k, kind, itemsize)
 
-    if out is None and whole and method == "dense":
-        route = "dense"
+    gradients = "dense" if method == "dense" else "vmap"
+    if out is None and whole:
+        route = "dense" if method == "dense" else "block"
         # the jitted block, then jnp.asarray of its host view: a staged copy (2x the output)
         peak = max(block_peak(n1, n2), 3 * output)
-    elif (method == "jacobian" and out is None and len(devices) == 1
-          and _feature_bytes(apply_fn, params, x1, kind) * (n1 + (0 if symmetric else n2)) <= _jacobian_budget()):
-        route = "features"
-        kk = k if kind in ("entk", "trace") else 1
-        feats = (n1 + (0 if symmetric else n2)) * kk * n_params * itemsize
-        chunk = 3 * min(_GRADIENT_CHUNK, n1) * kk * n_params * itemsize
-        # chunks and their concatenation, then the features and the product (eNTK: the product,
-        # its transposed copy and XLA's temporary)
-        peak = max(2 * feats + chunk, feats + chunk + (3 if kind == "entk" else 1.5) * output)
-    elif out is None and whole:
-        route = "block"
-        peak = max(block_peak(n1, n2), 3 * output)
+        pairs, evaluations = 1, n1 + n2
     else:
         b1, b2 = min(batch_size, n1), min(batch_size, n2)
         # blocks in flight: the one being computed and the host copy of the previous one (the
@@ -781,17 +1006,26 @@ def _plan(kind: str, apply_fn: ApplyFn, params: Any, x1: Any, x2: Any, symmetric
         blocks = 2 * block_peak(b1, b2)
         route = "disk" if out is not None else "blocks"
         peak = blocks if out is not None else max(3 * output, output + blocks) + blocks
-    return KernelPlan(route, method, int(batch_size), k, int(itemsize), int(output), int(peak + inputs))
+        pairs, rows = _pair_rows(n1, n2, b1, b2, symmetric)
+        nb1, nb2 = math.ceil(n1 / b1), math.ceil(n2 / b2)
+        # every block pair evaluates both sides' gradients; the symmetric kernel only the upper triangle
+        evaluations = nb2 * n1 + nb1 * n2 if not symmetric else sum(
+            min(b1, n1 - i * b1) * (nb1 - i) + sum(min(b1, n1 - j * b1) for j in range(i, nb1)) for i in range(nb1))
+        del nb2
+    return KernelPlan(route, method, int(batch_size), k, int(itemsize), int(output), int(peak + inputs),
+                      gradients, 0 if method == "dense" else min(batch_size, max(n1, n2)), points, int(evaluations),
+                      pairs, 0, None, None)
 
 
 def plan_kernel(kind: str, apply_fn: ApplyFn, params: Any, x1: Any, x2: Any = None, *,
                 batch_size: int | None = None, method: str = "auto", devices: Any = None,
-                out: Any = None) -> KernelPlan:
+                out: Any = None, costs: bool = True) -> KernelPlan:
     """The :class:`KernelPlan` of ``entk`` / ``pntk`` / ``trace_ntk`` / ``single_logit_ntk``
     (``kind``: ``"entk"``, ``"pntk"``, ``"trace"``, ``"single"``) with these arguments: the
-    route and its estimated peak memory, without computing anything.  ``x1`` and ``x2`` may be
-    arrays or ``jax.ShapeDtypeStruct`` (sizes only), so the cost of a kernel can be checked
-    before its inputs exist."""
+    route, its blocks, gradient evaluations, bytes on disk, estimated peak memory and (with
+    ``costs``) FLOPs and seconds, without computing anything (``print(plan)`` states them).
+    ``x1`` and ``x2`` may be arrays or ``jax.ShapeDtypeStruct`` (sizes only), so the cost of a
+    kernel can be checked before its inputs exist."""
     if kind not in KINDS:
         raise ValueError(f"unknown kernel kind {kind!r}; choose one of {KINDS}")
     symmetric = x2 is None
@@ -799,12 +1033,78 @@ def plan_kernel(kind: str, apply_fn: ApplyFn, params: Any, x1: Any, x2: Any = No
     devices = list(jax.devices() if devices is None else devices)
     if not devices:
         raise ValueError("devices must name at least one JAX device")
-    return _plan(kind, apply_fn, params, x1, x2, symmetric, batch_size, method, devices, out)
+    return _plan(kind, apply_fn, params, x1, x2, symmetric, batch_size, method, devices, out, costs=costs)
 
 
 def kernel_memory(kind: str, apply_fn: ApplyFn, params: Any, x1: Any, x2: Any = None, **options) -> int:
     """Estimated peak bytes of computing a kernel (:func:`plan_kernel`'s ``peak_bytes``)."""
-    return plan_kernel(kind, apply_fn, params, x1, x2, **options).peak_bytes
+    return plan_kernel(kind, apply_fn, params, x1, x2, costs=False, **options).peak_bytes
+
+
+def _scratch_folder(out: Any) -> str:
+    """Where the stream route writes its Jacobians: ``$NTK_TUTORIAL_SCRATCH``, else beside
+    ``out=``, else the system's temporary folder."""
+    import tempfile
+    from pathlib import Path
+
+    env = os.environ.get(SCRATCH_ENV)
+    if env:
+        folder = Path(env).expanduser()
+        if not folder.is_dir():
+            raise ValueError(f"{SCRATCH_ENV}={env!r} is not a folder; point it at a folder with room "
+                             "for the Jacobians")
+        return str(folder)
+    if out is not None:
+        return str(Path(out).expanduser().resolve().parent)
+    return tempfile.gettempdir()
+
+
+def _check_scratch(folder: str, nbytes: int) -> None:
+    import shutil
+
+    free = shutil.disk_usage(folder).free
+    if nbytes > free:
+        raise KernelTooLargeError(
+            f"the Jacobians of this kernel ({_gib(nbytes)}, each computed once) do not fit in memory "
+            f"and {folder} has only {_gib(free)} free for them; set ${SCRATCH_ENV} to a folder with "
+            f"room, raise ${JACOBIAN_ENV}, compute the kernel for fewer points, or use the pNTK")
+
+
+def _stream(fn: Callable, kind: str, params: Any, x1: Array, x2: Array, symmetric: bool, aux: Any,
+            plan: KernelPlan, result: Any, folder: str) -> None:
+    """The stream route: every per-example gradient of ``x2`` (of ``x1`` when symmetric) is
+    computed once and appended to a scratch file; then each block of ``x1``'s features stays
+    resident while the blocks of the file are read back and multiplied with it (symmetric: the
+    upper triangle only, the lower filled by transposition)."""
+    import tempfile
+
+    b = plan.batch_size
+    n1, n2 = x1.shape[0], x2.shape[0]
+    src = x1 if symmetric else x2
+    with tempfile.TemporaryFile(dir=folder, prefix="ntk-jacobians-") as fh:  # deleted on close
+        shape, dtype = None, None
+        for j in range(0, n2, b):
+            fj = np.asarray(_all_features(fn, kind, params, src[j:j + b], aux, plan.chunk, plan.gradients))
+            shape, dtype = fj.shape[1:], fj.dtype
+            fj.tofile(fh)
+            del fj
+        per_row = math.prod(shape)
+
+        def read(j: int) -> Array:
+            m = min(b, n2 - j)
+            fh.seek(j * per_row * dtype.itemsize)
+            return jnp.asarray(np.fromfile(fh, dtype=dtype, count=m * per_row).reshape(m, *shape))
+
+        for i in range(0, n1, b):
+            fi = read(i) if symmetric else _all_features(fn, kind, params, x1[i:i + b], aux, plan.chunk,
+                                                         plan.gradients)
+            for j in range(i if symmetric else 0, n2, b):
+                fj = fi if symmetric and j == i else read(j)
+                blk = np.asarray(_contract(fi, fj, kind))
+                result[i:i + b, j:j + b] = blk
+                if symmetric and j > i:
+                    result[j:j + b, i:i + b] = blk.transpose(1, 0, 3, 2) if kind == "entk" else blk.T
+                del fj, blk
 
 
 def _run_block(block, params, xa, xb, devices, aux=None) -> np.ndarray:
@@ -859,39 +1159,46 @@ def _kernel(
         check_kernel_memory(n1, n2, k, kind, itemsize, peak=plan.peak_bytes)
     else:
         check_disk_space(out, plan.output_bytes)
-        check_memory(plan.peak_bytes, f"one block of {batch_size} x {batch_size} points of the {kind} kernel "
-                     "written to out=", "pass a smaller batch_size=; ")
+        check_memory(plan.peak_bytes, f"one block of {plan.batch_size} x {plan.batch_size} points of the {kind} "
+                     "kernel written to out=", "pass a smaller batch_size=; ")
+    folder = None
+    if plan.route == "stream":
+        folder = _scratch_folder(out)
+        _check_scratch(folder, plan.scratch_bytes)
     batch_size = plan.batch_size
-    if plan.method == "dense":
-        block, aux = _dense_block_fn(apply_fn, kind), None
-    else:
-        compiled_for, aux = _kernel_fn_and_aux(apply_fn)
-        block = _generic_block_fn(compiled_for, kind)
-    shape = (n1, n2) + ((k, k) if kind == "entk" else ())
-    dtype = np.float64 if itemsize == 8 else np.float32
-    if plan.route in ("dense", "block"):
-        return jnp.asarray(_run_block(block, params, x1, x2, devices, aux))
+    compiled_for, aux = _kernel_fn_and_aux(apply_fn) if plan.method == "jacobian" else (apply_fn, None)
     if plan.route == "features":
         # every per-example gradient once, then one matrix product
-        f1 = _all_features(compiled_for, kind, params, x1, aux)
-        f2 = f1 if symmetric else _all_features(compiled_for, kind, params, x2, aux)
+        f1 = _all_features(compiled_for, kind, params, x1, aux, plan.chunk, plan.gradients)
+        f2 = f1 if symmetric else _all_features(compiled_for, kind, params, x2, aux, plan.chunk, plan.gradients)
         return _contract(f1, f2, kind)
+    block = _dense_block_fn(apply_fn, kind) if plan.method == "dense" else _generic_block_fn(compiled_for, kind)
+    if plan.route in ("dense", "block"):
+        if plan.method == "jacobian":
+            _EVALUATIONS[0] += n1 + n2
+        return jnp.asarray(_run_block(block, params, x1, x2, devices, aux))
 
+    shape = (n1, n2) + ((k, k) if kind == "entk" else ())
+    dtype = np.float64 if itemsize == 8 else np.float32
     if out is None:
         result = np.empty(shape, dtype=dtype)
     else:
         result = np.lib.format.open_memmap(str(out), mode="w+", dtype=dtype, shape=shape)
-    for i in range(0, n1, batch_size):
-        for j in range(0, n2, batch_size):
-            if symmetric and j < i:
-                blk = result[j : j + batch_size, i : i + batch_size]
-                result[i : i + batch_size, j : j + batch_size] = (
-                    blk.transpose(1, 0, 3, 2) if kind == "entk" else blk.T
-                )
-                continue
-            result[i : i + batch_size, j : j + batch_size] = _run_block(
-                block, params, x1[i : i + batch_size], x2[j : j + batch_size], devices, aux
-            )
+    if plan.route == "stream":
+        _stream(compiled_for, kind, params, x1, x2, symmetric, aux, plan, result, folder)
+    else:
+        for i in range(0, n1, batch_size):
+            for j in range(0, n2, batch_size):
+                if symmetric and j < i:
+                    blk = result[j : j + batch_size, i : i + batch_size]
+                    result[i : i + batch_size, j : j + batch_size] = (
+                        blk.transpose(1, 0, 3, 2) if kind == "entk" else blk.T
+                    )
+                    continue
+                xa, xb = x1[i : i + batch_size], x2[j : j + batch_size]
+                result[i : i + batch_size, j : j + batch_size] = _run_block(block, params, xa, xb, devices, aux)
+                if plan.method == "jacobian":
+                    _EVALUATIONS[0] += xa.shape[0] + xb.shape[0]
     if out is not None:
         result.flush()
         return result

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-SCRIPTS = ("kernels.py", "lookahead.py", "active.py", "presets.py")
+SCRIPTS = ("kernels.py", "conv_kernels.py", "lookahead.py", "active.py", "presets.py")
 
 
 def run(script, *args, timeout=600):

@@ -218,3 +218,38 @@ def test_jacobian_budget_sets_the_block_size_not_the_result(monkeypatch):
     monkeypatch.setenv(kernels.JACOBIAN_ENV, "lots")
     with pytest.raises(ValueError, match="NTK_TUTORIAL_JACOBIAN_BYTES"):
         kernels.pntk(apply_fn, params, x)
+
+
+def test_the_stream_route_computes_each_gradient_once_and_equals_the_features_route(monkeypatch, tmp_path):
+    """Jacobians larger than the budget are computed once each, written to a scratch file and
+    streamed against a resident block (issue 17): the kernel is the one of the features route
+    (and of vmap(grad)), and the gradient evaluations are one per point, however many blocks."""
+    from ntk_tutorial.models import CNN, functional
+
+    apply_fn, params = functional(CNN((6, 6, 1), 3, channels=4, rngs=nnx.Rngs(params=jax.random.key(0))))
+    x = jax.random.normal(jax.random.key(1), (23, 36))
+    y = x[:9] + 0.5
+    monkeypatch.setattr(kernels, "GRADIENTS", "vmap")
+    want = {kind: np.asarray(getattr(kernels, kind)(apply_fn, params, x)) for kind in ("pntk", "entk")}
+    want_xy = np.asarray(kernels.entk(apply_fn, params, x, y))
+    monkeypatch.setattr(kernels, "GRADIENTS", "auto")
+    n_params = sum(int(v.size) for v in jax.tree.leaves(params))
+    s = np.dtype(x.dtype).itemsize
+    monkeypatch.setenv(kernels.JACOBIAN_ENV, str(2 * 5 * 3 * n_params * s))  # eNTK blocks of 5
+    monkeypatch.setenv(kernels.SCRATCH_ENV, str(tmp_path))
+    plan = kernels.plan_kernel("entk", apply_fn, params, x)
+    assert (plan.route, plan.batch_size, plan.block_pairs, plan.gradients) == ("stream", 5, 15, "structured")
+    assert plan.evaluations_per_point == 1.0 and plan.scratch_bytes == 23 * 3 * n_params * s
+    assert "1.00 per point" in str(plan) and plan.seconds() > 0
+    for kind in ("pntk", "entk"):
+        before = kernels.gradient_evaluations()
+        got = np.asarray(getattr(kernels, kind)(apply_fn, params, x))
+        assert kernels.gradient_evaluations() - before == 23
+        np.testing.assert_allclose(got, want[kind], rtol=2e-5, atol=1e-6)
+    before = kernels.gradient_evaluations()
+    np.testing.assert_allclose(np.asarray(kernels.entk(apply_fn, params, x, y)), want_xy, rtol=2e-5, atol=1e-6)
+    assert kernels.gradient_evaluations() - before == 23 + 9
+    assert list(tmp_path.iterdir()) == []  # the scratch file is gone
+    monkeypatch.setenv(kernels.SCRATCH_ENV, str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="NTK_TUTORIAL_SCRATCH"):
+        kernels.entk(apply_fn, params, x)

@@ -137,14 +137,14 @@ def test_new_statistics_and_repeated_training_reuse_compiled_functions():
     steps_before = train._step_fn.cache_info()
     evals_before = models._jit.cache_info()
     kernels.pntk(first.apply_fn, first.params, x)
-    kernels_before = kernels._generic_block_fn.cache_info()
+    kernels_before = kernels._features_fn.cache_info()
     second = train.train(first.apply_fn, first.params, x, y, lr=0.05, steps=2)  # new statistics
     models.eval_fn(second.apply_fn)(second.params, x)
     kernels.pntk(second.apply_fn, second.params, x)
     assert train._step_fn.cache_info().misses == steps_before.misses
     assert train._step_fn.cache_info().hits == steps_before.hits + 1
     assert models._jit.cache_info().misses == evals_before.misses
-    assert kernels._generic_block_fn.cache_info().misses == kernels_before.misses
+    assert kernels._features_fn.cache_info().misses == kernels_before.misses
 
 
 def test_penultimate_features_and_badge_embeddings_of_a_resnet():
