@@ -13,8 +13,12 @@ With ``J(x) = d f(x; params) / d params`` (a ``k x P`` matrix):
 
 Two exact routes compute the empirical kernels:
 
-* the *generic* route builds per-example Jacobians (``vmap(jacrev)``) block by block and
-  contracts them; it works for any model;
+* the *generic* route computes every per-example gradient once and contracts them in float32
+  matrix products; it works for any model.  The gradients of a chunk of examples come from one
+  batched backward pass where :mod:`ntk_tutorial.pergrad` proves the examples independent (its
+  convolution weight gradients are products of image patches with back-propagated vectors),
+  else from ``vmap(grad)``.  When they do not fit the Jacobian budget they are written once to a
+  scratch file and streamed against a resident block (the ``"stream"`` route);
 * the *dense* route, chosen automatically for :class:`ntk_tutorial.models.MLP`, never forms a
   ``P``-sized Jacobian.  For a dense layer ``z = a W c + b c_b`` the Jacobian with respect to
   ``W`` is ``c a (x) delta`` with ``delta = d f / d z``, so each layer contributes
@@ -1212,8 +1216,9 @@ _DOC_ARGS = """
       x1: ``(n1, ...)`` inputs.
       x2: ``(n2, ...)`` inputs; ``None`` means ``x1`` (the symmetric kernel).
       batch_size: compute in blocks of this many examples (``None``: the whole set, or blocks that
-        keep the generic route's Jacobians under 512 MiB on the CPU, a quarter of an
-        accelerator's memory, or ``NTK_TUTORIAL_JACOBIAN_BYTES``).  The result does not depend on it.
+        keep the generic route's Jacobians in the budget: a quarter of the available memory on
+        the CPU, 512 MiB to 8 GiB, a quarter of an accelerator's, or
+        ``NTK_TUTORIAL_JACOBIAN_BYTES``).  The result does not depend on it.
       method: ``"auto"`` (dense route for MLPs, else Jacobians), ``"dense"`` or ``"jacobian"``.
       devices: JAX devices to split each block's rows over (default: all visible devices, so a
         multi-GPU machine computes one large kernel in parallel); the result does not change.
