@@ -958,7 +958,7 @@ def _plan(kind: str, apply_fn: ApplyFn, params: Any, x1: Any, x2: Any, symmetric
     if method == "jacobian" and len(devices) == 1:
         compiled_for, aux = _kernel_fn_and_aux(apply_fn)
         chunk, gradients, transient = _chunk_size(compiled_for, params, x1, aux, kind, k)
-        f = _feature_bytes(apply_fn, params, x1, kind)
+        f = n_params * kk * np.dtype(x1.dtype).itemsize  # one example's features (_feature_bytes)
         chunk_peak = chunk * transient
         whole = batch_size >= max(n1, n2) if given else f * points <= _jacobian_budget()
         gradient_flops = None
@@ -1015,7 +1015,6 @@ def _plan(kind: str, apply_fn: ApplyFn, params: Any, x1: Any, x2: Any, symmetric
         # every block pair evaluates both sides' gradients; the symmetric kernel only the upper triangle
         evaluations = nb2 * n1 + nb1 * n2 if not symmetric else sum(
             min(b1, n1 - i * b1) * (nb1 - i) + sum(min(b1, n1 - j * b1) for j in range(i, nb1)) for i in range(nb1))
-        del nb2
     return KernelPlan(route, method, int(batch_size), k, int(itemsize), int(output), int(peak + inputs),
                       gradients, 0 if method == "dense" else min(batch_size, max(n1, n2)), points, int(evaluations),
                       pairs, 0, None, None)
