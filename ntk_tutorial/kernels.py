@@ -27,8 +27,9 @@ Two exact routes compute the empirical kernels:
   leaving it.  Cost per layer ``O(n^2 (n_in + k^2 n_out))`` instead of ``O(n^2 k^2 n_in n_out)``.
 
 Every function takes ``batch_size`` to compute the kernel in blocks, so the Jacobian of a large
-set never sits in memory whole; results do not depend on it.  Each block's rows are split over
-all visible JAX devices (``jax.sharding``), and ``out="kernel.npy"`` writes a kernel larger than
+set never sits in memory whole; results do not depend on it.  With several visible JAX devices
+the gradient passes and the products are split over them by rows (``jax.shard_map``), each
+gradient still computed once, and ``out="kernel.npy"`` writes a kernel larger than
 memory block by block into a memory-mapped file.  A memory guard refuses, before allocating, a
 kernel whose computation cannot fit and names these routes (:class:`KernelTooLargeError`): it
 counts the route's real peak (:func:`plan_kernel`: intermediates, Jacobian blocks or features in
@@ -468,57 +469,6 @@ def _single(apply_fn: ApplyFn) -> Callable[[Any, Array, Any], Array]:
     return lambda p, xi, aux: (apply_fn(p, xi[None]) if aux is None else apply_fn(p, xi[None], aux))[0]
 
 
-@lru_cache(maxsize=64)
-def _generic_block_fn(apply_fn: ApplyFn, kind: str) -> Callable:
-    """A jitted ``(params, x1b, x2b, aux) -> kernel block`` for one kind, cached per apply_fn
-    (``aux``: batch-norm statistics for ``models.StatsApply``, else ``None``)."""
-    f = _single(apply_fn)
-
-    if kind == "entk":
-
-        def feats(p, x, aux):  # leaves (n, k, p_leaf)
-            jac = jax.vmap(jax.jacrev(f), (None, 0, None))(p, x, aux)
-            return [j.reshape(j.shape[0], j.shape[1], -1) for j in jax.tree.leaves(jac)]
-
-        def contract(a, b):
-            return sum(jnp.einsum("aip,bjp->abij", u, v) for u, v in zip(a, b))
-
-    elif kind == "trace":
-
-        def feats(p, x, aux):
-            jac = jax.vmap(jax.jacrev(f), (None, 0, None))(p, x, aux)
-            return [j.reshape(j.shape[0], j.shape[1], -1) for j in jax.tree.leaves(jac)]
-
-        def contract(a, b):
-            k = a[0].shape[1]
-            return sum(jnp.einsum("aip,bip->ab", u, v) for u, v in zip(a, b)) / k
-
-    else:
-        if kind == "pntk":
-
-            def scalar(p, xi, aux):
-                out = f(p, xi, aux)
-                return out.sum() / jnp.sqrt(out.shape[-1])
-
-        else:  # single logit
-
-            def scalar(p, xi, aux):
-                return f(p, xi, aux)[0]
-
-        def feats(p, x, aux):
-            grads = jax.vmap(jax.grad(scalar), (None, 0, None))(p, x, aux)
-            return [g.reshape(g.shape[0], -1) for g in jax.tree.leaves(grads)]
-
-        def contract(a, b):
-            return sum(u @ v.T for u, v in zip(a, b))
-
-    @jax.jit
-    def block(p, x1, x2, aux):
-        return contract(feats(p, x1, aux), feats(p, x2, aux))
-
-    return block
-
-
 # Examples per gradient pass (64-256 were fastest per gradient on the CPU; much larger chunks
 # cost more per gradient); fewer when one example's activations, patches and features are large.
 _GRADIENT_CHUNK = 64
@@ -620,11 +570,16 @@ def _features_fn(apply_fn: ApplyFn, kind: str, gradients: str = "vmap") -> Calla
 
 
 def _all_features(apply_fn: ApplyFn, kind: str, params: Any, x: Array, aux: Any, chunk: int,
-                  gradients: str) -> Array:
+                  gradients: str, devices: Any = ()) -> Array:
     """Per-example gradients of every point of ``x``, each computed once, in chunks of ``chunk``
-    examples (the last chunk padded, so one compilation serves every chunk)."""
+    examples (the last chunk padded, so one compilation serves every chunk); with several
+    ``devices`` each takes one chunk of every group of ``chunk x len(devices)`` examples."""
     fn = _features_fn(apply_fn, kind, gradients)
-    n, c = x.shape[0], min(chunk, x.shape[0])
+    d = max(len(devices), 1)
+    if d > 1:
+        fn = _sharded_rows(fn, tuple(devices), 3)
+    n = x.shape[0]
+    c = min(chunk, -(-n // d)) * d
     parts = []
     for i in range(0, n, c):
         xb = x[i:i + c]
@@ -636,6 +591,38 @@ def _all_features(apply_fn: ApplyFn, kind: str, params: Any, x: Array, aux: Any,
     return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
 
 
+@lru_cache(maxsize=64)
+def _sharded_rows(fn: Callable, devices: tuple, n_args: int) -> Callable:
+    """``fn`` with the rows of its second argument split across ``devices`` (``jax.shard_map``
+    over a 1-D mesh; the other arguments replicated, rows are independent so nothing is
+    communicated).  The caller pads the rows to a multiple of ``len(devices)``."""
+    from jax.sharding import Mesh
+    from jax.sharding import PartitionSpec as P
+
+    mesh = Mesh(np.asarray(devices), ("rows",))
+    specs = tuple(P("rows") if i == 1 else P() for i in range(n_args))
+    return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=P("rows"), check_vma=False))
+
+
+def _product(f1: Array, f2: Array, kind: str, devices: Any = ()) -> Array:
+    """:func:`_contract`, with ``f1``'s rows split across several ``devices``."""
+    d = len(devices)
+    if d <= 1:
+        return _contract(f1, f2, kind)
+    n = f1.shape[0]
+    pad = (-n) % d
+    if pad:
+        f1 = jnp.concatenate([f1, jnp.zeros((pad, *f1.shape[1:]), f1.dtype)])
+    fn = _sharded_rows(_contractor(kind), tuple(devices), 2)
+    # the first argument is the one split: (f2, f1) -> rows of f1
+    return fn(f2, f1)[:n]
+
+
+@lru_cache(maxsize=8)
+def _contractor(kind: str) -> Callable:
+    return lambda f2, f1: _contract(f1, f2, kind)
+
+
 def _feature_bytes(apply_fn: ApplyFn, params: Any, x: Array, kind: str) -> int:
     """Bytes of one example's features on the features route (``k`` gradients for the eNTK)."""
     n_params = sum(int(leaf.size) for leaf in jax.tree.leaves(params))
@@ -643,7 +630,8 @@ def _feature_bytes(apply_fn: ApplyFn, params: Any, x: Array, kind: str) -> int:
     return n_params * (k if kind in ("entk", "trace") else 1) * np.dtype(x.dtype).itemsize
 
 
-def _chunk_size(apply_fn: ApplyFn, params: Any, x: Any, aux: Any, kind: str, k: int) -> tuple[int, str, int]:
+def _chunk_size(apply_fn: ApplyFn, params: Any, x: Any, aux: Any, kind: str, k: int,
+                budget: int | None = None) -> tuple[int, str, int]:
     """``(examples per gradient pass, "structured" or "vmap", transient bytes per example)``:
     at most ``_GRADIENT_CHUNK``, fewer when one example's activations (``k`` backward passes for
     the eNTK), image patches and features in flight would exceed half the Jacobian budget."""
@@ -658,7 +646,8 @@ def _chunk_size(apply_fn: ApplyFn, params: Any, x: Any, aux: Any, kind: str, k: 
     else:  # without the analysis: the input and its first layer's worth, per example
         act = 8 * math.prod(x.shape[1:]) * np.dtype(x.dtype).itemsize
     transient = (1 + kk) * act + 2 * patches + 3 * feats
-    chunk = int(max(1, min(_GRADIENT_CHUNK, int(x.shape[0]), (_jacobian_budget() // 2) // max(transient, 1))))
+    budget = _jacobian_budget() if budget is None else budget
+    chunk = int(max(1, min(_GRADIENT_CHUNK, int(x.shape[0]), (budget // 2) // max(transient, 1))))
     return chunk, gradients, int(transient)
 
 
@@ -765,14 +754,16 @@ def _choose_method(apply_fn: Any, method: str) -> str:
     return method
 
 
-def _auto_batch_size(apply_fn: ApplyFn, params: Any, x: Array, kind: str, method: str) -> int:
+def _auto_batch_size(apply_fn: ApplyFn, params: Any, x: Array, kind: str, method: str,
+                     budget: int | None = None) -> int:
     """Examples per block of Jacobians on the generic route: the resident block and the one
     streamed against it fit the budget (:func:`_jacobian_budget`) together."""
     n = x.shape[0]
     if method == "dense":
         return n
     per_example = _feature_bytes(apply_fn, params, x, kind) * 2
-    return int(max(1, min(n, _jacobian_budget() // max(per_example, 1))))
+    budget = _jacobian_budget() if budget is None else budget
+    return int(max(1, min(n, budget // max(per_example, 1))))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -800,14 +791,6 @@ def _dense_peak(apply_fn: Any, params: Any, n1: int, n2: int, k: int, kind: str,
     else:
         grams = (2 * len(layers) + 1) * pair
     return features + grams
-
-
-def _generic_block_peak(n_params: int, n1: int, n2: int, k: int, kind: str, s: int) -> int:
-    """One jitted block of the Jacobian route: both sides' Jacobians (the vmapped ``jacrev``
-    and its reshaped leaves, twice each) and the contraction (a sum of per-leaf products)."""
-    kk = k if kind in ("entk", "trace") else 1
-    out = kernel_nbytes(n1, n2, k, kind, s)
-    return 2 * (n1 + n2) * kk * n_params * s + 2 * out
 
 
 # per-example gradients run at about this fraction of the float32 matmul rate (measured on a
@@ -840,9 +823,9 @@ class KernelPlan:
       route: ``"dense"`` (one block of Gram matrices, MLPs), ``"features"`` (every per-example
         gradient once, then one product), ``"stream"`` (every per-example gradient once, written
         to a scratch file; blocks of ``batch_size`` rows stay resident and the others are
-        streamed against them), ``"block"`` (one Jacobian block), ``"blocks"`` (block by block
-        into a host array, gradients recomputed per block pair: several devices or the dense
-        route in blocks) or ``"disk"`` (the same into ``out=``).
+        streamed against them), ``"blocks"`` (the dense route block by block into a host
+        array) or ``"disk"`` (the dense route into ``out=``).  On the features and stream
+        routes several devices each take a share of every chunk and of every product's rows.
       method: ``"dense"`` or ``"jacobian"``.
       batch_size: examples per block.
       k: outputs of the network; itemsize: bytes per kernel entry.
@@ -852,7 +835,8 @@ class KernelPlan:
         ``"vmap"`` (``vmap`` of each example's gradient) or ``"dense"`` (Gram matrices, no
         per-example gradients); chunk: examples per gradient pass.
       points: distinct examples; gradient_evaluations: per-example gradient passes in all
-        (``points`` when each is computed once); block_pairs: products of two blocks.
+        (``points``: each is computed once; 0 on the dense route, which forms none);
+        block_pairs: products of two blocks.
       scratch_bytes: bytes the stream route writes to its scratch file (deleted afterwards).
       gradient_flops, gram_flops: FLOPs of the gradient passes (XLA's count for one chunk) and
         of the products (``None`` when the plan was made without costs).
@@ -938,11 +922,12 @@ def _plan(kind: str, apply_fn: ApplyFn, params: Any, x1: Any, x2: Any, symmetric
     n1, n2 = int(x1.shape[0]), int(x2.shape[0])
     itemsize = jnp.result_type(out_shape.dtype, x1.dtype).itemsize
     method = _choose_method(apply_fn, method)
+    budget = _jacobian_budget() if method == "jacobian" else 0  # read once per plan
     given = batch_size is not None
     if given:
         batch_size = _positive_int("batch_size", batch_size)
     else:
-        batch_size = _auto_batch_size(apply_fn, params, x1, kind, method)
+        batch_size = _auto_batch_size(apply_fn, params, x1, kind, method, budget)
         if out is not None:  # keep each block's output under 256 MiB: the kernel lives on disk
             per_row = kernel_nbytes(1, n2, k, kind, itemsize)
             batch_size = int(max(1, min(batch_size, (256 * 2**20) // per_row)))
@@ -955,12 +940,12 @@ def _plan(kind: str, apply_fn: ApplyFn, params: Any, x1: Any, x2: Any, symmetric
     # inputs cast by _validate are copies too (counted at the working itemsize)
     inputs = points * math.prod(x1.shape[1:]) * itemsize
 
-    if method == "jacobian" and len(devices) == 1:
+    if method == "jacobian":
         compiled_for, aux = _kernel_fn_and_aux(apply_fn)
-        chunk, gradients, transient = _chunk_size(compiled_for, params, x1, aux, kind, k)
+        chunk, gradients, transient = _chunk_size(compiled_for, params, x1, aux, kind, k, budget)
         f = n_params * kk * np.dtype(x1.dtype).itemsize  # one example's features (_feature_bytes)
-        chunk_peak = chunk * transient
-        whole = batch_size >= max(n1, n2) if given else f * points <= _jacobian_budget()
+        chunk_peak = chunk * transient * len(devices)  # one chunk per device in flight
+        whole = batch_size >= max(n1, n2) if given else f * points <= budget
         gradient_flops = None
         if costs:
             per_chunk = _chunk_flops(_features_fn(compiled_for, kind, gradients), params,
@@ -987,37 +972,23 @@ def _plan(kind: str, apply_fn: ApplyFn, params: Any, x1: Any, x2: Any, symmetric
                           gradients, chunk, points, points, pairs, int(scratch), gradient_flops,
                           entry_flops * rows if costs else None)
 
-    if method == "jacobian":  # several devices: each block recomputes its gradients
-        batch_size = min(batch_size, 1024)
+    # the dense route (MLPs): Gram matrices of activations and back-propagated vectors per block
     whole = batch_size >= max(n1, n2)
-
-    def block_peak(b1: int, b2: int) -> int:
-        if method == "dense":
-            return _dense_peak(apply_fn, params, b1, b2, k, kind, itemsize)
-        return _generic_block_peak(n_params, b1, b2, k, kind, itemsize)
-
-    gradients = "dense" if method == "dense" else "vmap"
     if out is None and whole:
-        route = "dense" if method == "dense" else "block"
         # the jitted block, then jnp.asarray of its host view: a staged copy (2x the output)
-        peak = max(block_peak(n1, n2), 3 * output)
-        pairs, evaluations = 1, n1 + n2
-    else:
-        b1, b2 = min(batch_size, n1), min(batch_size, n2)
-        # blocks in flight: the one being computed and the host copy of the previous one (the
-        # allocator keeps freed blocks); on the host route also the result and its staged copy
-        # into a JAX array at the end
-        blocks = 2 * block_peak(b1, b2)
-        route = "disk" if out is not None else "blocks"
-        peak = blocks if out is not None else max(3 * output, output + blocks) + blocks
-        pairs, rows = _pair_rows(n1, n2, b1, b2, symmetric)
-        nb1, nb2 = math.ceil(n1 / b1), math.ceil(n2 / b2)
-        # every block pair evaluates both sides' gradients; the symmetric kernel only the upper triangle
-        evaluations = nb2 * n1 + nb1 * n2 if not symmetric else sum(
-            min(b1, n1 - i * b1) * (nb1 - i) + sum(min(b1, n1 - j * b1) for j in range(i, nb1)) for i in range(nb1))
+        peak = max(_dense_peak(apply_fn, params, n1, n2, k, kind, itemsize), 3 * output)
+        return KernelPlan("dense", method, int(batch_size), k, int(itemsize), int(output), int(peak + inputs),
+                          "dense", 0, points, 0, 1, 0, None, None)
+    b1, b2 = min(batch_size, n1), min(batch_size, n2)
+    # blocks in flight: the one being computed and the host copy of the previous one (the
+    # allocator keeps freed blocks); on the host route also the result and its staged copy
+    # into a JAX array at the end
+    blocks = 2 * _dense_peak(apply_fn, params, b1, b2, k, kind, itemsize)
+    route = "disk" if out is not None else "blocks"
+    peak = blocks if out is not None else max(3 * output, output + blocks) + blocks
+    pairs, _ = _pair_rows(n1, n2, b1, b2, symmetric)
     return KernelPlan(route, method, int(batch_size), k, int(itemsize), int(output), int(peak + inputs),
-                      gradients, 0 if method == "dense" else min(batch_size, max(n1, n2)), points, int(evaluations),
-                      pairs, 0, None, None)
+                      "dense", 0, points, 0, pairs, 0, None, None)
 
 
 def plan_kernel(kind: str, apply_fn: ApplyFn, params: Any, x1: Any, x2: Any = None, *,
@@ -1074,7 +1045,7 @@ def _check_scratch(folder: str, nbytes: int) -> None:
 
 
 def _stream(fn: Callable, kind: str, params: Any, x1: Array, x2: Array, symmetric: bool, aux: Any,
-            plan: KernelPlan, result: Any, folder: str) -> None:
+            plan: KernelPlan, result: Any, folder: str, devices: Any = ()) -> None:
     """The stream route: every per-example gradient of ``x2`` (of ``x1`` when symmetric) is
     computed once and appended to a scratch file; then each block of ``x1``'s features stays
     resident while the blocks of the file are read back and multiplied with it (symmetric: the
@@ -1087,7 +1058,7 @@ def _stream(fn: Callable, kind: str, params: Any, x1: Array, x2: Array, symmetri
     with tempfile.TemporaryFile(dir=folder, prefix="ntk-jacobians-") as fh:  # deleted on close
         shape, dtype = None, None
         for j in range(0, n2, b):
-            fj = np.asarray(_all_features(fn, kind, params, src[j:j + b], aux, plan.chunk, plan.gradients))
+            fj = np.asarray(_all_features(fn, kind, params, src[j:j + b], aux, plan.chunk, plan.gradients, devices))
             shape, dtype = fj.shape[1:], fj.dtype
             fj.tofile(fh)
             del fj
@@ -1100,42 +1071,26 @@ def _stream(fn: Callable, kind: str, params: Any, x1: Array, x2: Array, symmetri
 
         for i in range(0, n1, b):
             fi = read(i) if symmetric else _all_features(fn, kind, params, x1[i:i + b], aux, plan.chunk,
-                                                         plan.gradients)
+                                                         plan.gradients, devices)
             for j in range(i if symmetric else 0, n2, b):
                 fj = fi if symmetric and j == i else read(j)
-                blk = np.asarray(_contract(fi, fj, kind))
+                blk = np.asarray(_product(fi, fj, kind, devices))
                 result[i:i + b, j:j + b] = blk
                 if symmetric and j > i:
                     result[j:j + b, i:i + b] = blk.transpose(1, 0, 3, 2) if kind == "entk" else blk.T
                 del fj, blk
 
 
-def _run_block(block, params, xa, xb, devices, aux=None) -> np.ndarray:
-    """One kernel block; with several devices its rows are split across them.
-
-    ``jax.shard_map`` over a 1-D mesh runs the block's own code on each device's row shard
-    (rows are independent, so nothing is communicated); rows are padded to a multiple of the
-    device count and the padding dropped afterwards.
-    """
+def _run_block(block, params, xa, xb, devices) -> np.ndarray:
+    """One block of the dense route; with several devices its rows are split across them
+    (:func:`_sharded_rows`; rows padded to a multiple of the device count, padding dropped)."""
     if len(devices) == 1:
-        return np.asarray(block(params, xa, xb, aux))
-    from jax.sharding import Mesh
-
-    mesh = Mesh(np.asarray(devices), ("rows",))
+        return np.asarray(block(params, xa, xb, None))
     n = xa.shape[0]
     pad = (-n) % len(devices)
     if pad:
         xa = jnp.concatenate([xa, jnp.repeat(xa[-1:], pad, axis=0)])
-    sharded = _sharded_block(block, mesh)
-    return np.asarray(sharded(params, xa, xb, aux))[:n]
-
-
-@lru_cache(maxsize=64)
-def _sharded_block(block, mesh):
-    from jax.sharding import PartitionSpec as P
-
-    return jax.jit(jax.shard_map(block, mesh=mesh, in_specs=(P(), P("rows"), P(), P()),
-                                 out_specs=P("rows"), check_vma=False))
+    return np.asarray(_sharded_rows(block, tuple(devices), 4)(params, xa, xb, None))[:n]
 
 
 def _kernel(
@@ -1172,14 +1127,13 @@ def _kernel(
     compiled_for, aux = _kernel_fn_and_aux(apply_fn) if plan.method == "jacobian" else (apply_fn, None)
     if plan.route == "features":
         # every per-example gradient once, then one matrix product
-        f1 = _all_features(compiled_for, kind, params, x1, aux, plan.chunk, plan.gradients)
-        f2 = f1 if symmetric else _all_features(compiled_for, kind, params, x2, aux, plan.chunk, plan.gradients)
-        return _contract(f1, f2, kind)
-    block = _dense_block_fn(apply_fn, kind) if plan.method == "dense" else _generic_block_fn(compiled_for, kind)
-    if plan.route in ("dense", "block"):
-        if plan.method == "jacobian":
-            _EVALUATIONS[0] += n1 + n2
-        return jnp.asarray(_run_block(block, params, x1, x2, devices, aux))
+        f1 = _all_features(compiled_for, kind, params, x1, aux, plan.chunk, plan.gradients, devices)
+        f2 = f1 if symmetric else _all_features(compiled_for, kind, params, x2, aux, plan.chunk, plan.gradients,
+                                                devices)
+        return _product(f1, f2, kind, devices)
+    block = _dense_block_fn(apply_fn, kind)
+    if plan.route == "dense":
+        return jnp.asarray(_run_block(block, params, x1, x2, devices))
 
     shape = (n1, n2) + ((k, k) if kind == "entk" else ())
     dtype = np.float64 if itemsize == 8 else np.float32
@@ -1188,7 +1142,7 @@ def _kernel(
     else:
         result = np.lib.format.open_memmap(str(out), mode="w+", dtype=dtype, shape=shape)
     if plan.route == "stream":
-        _stream(compiled_for, kind, params, x1, x2, symmetric, aux, plan, result, folder)
+        _stream(compiled_for, kind, params, x1, x2, symmetric, aux, plan, result, folder, devices)
     else:
         for i in range(0, n1, batch_size):
             for j in range(0, n2, batch_size):
@@ -1199,9 +1153,7 @@ def _kernel(
                     )
                     continue
                 xa, xb = x1[i : i + batch_size], x2[j : j + batch_size]
-                result[i : i + batch_size, j : j + batch_size] = _run_block(block, params, xa, xb, devices, aux)
-                if plan.method == "jacobian":
-                    _EVALUATIONS[0] += xa.shape[0] + xb.shape[0]
+                result[i : i + batch_size, j : j + batch_size] = _run_block(block, params, xa, xb, devices)
     if out is not None:
         result.flush()
         return result

@@ -31,6 +31,13 @@ SCRIPT = textwrap.dedent("""
         trace=kernels.trace_ntk(fn, p, x, method="jacobian"),
         cnn=kernels.entk(cnn_fn, cp, xc, batch_size=5),
     )
+    before = kernels.gradient_evaluations()
+    out["cnn_xy"] = kernels.pntk(cnn_fn, cp, xc, xc[:7] + 1.0, batch_size=3)  # stream, not symmetric
+    out["cnn_pntk"] = kernels.pntk(cnn_fn, cp, xc)  # features route
+    routes = [kernels.plan_kernel(kind, cnn_fn, cp, xc, y, batch_size=b, costs=False).route
+              for kind, y, b in (("entk", None, 5), ("pntk", xc[:7], 3), ("pntk", None, None))]
+    assert routes == ["stream", "stream", "features"], routes
+    out["evaluations"] = np.array([kernels.gradient_evaluations() - before])
     np.savez(sys.argv[1], **{k: np.asarray(v) for k, v in out.items()})
 """)
 
@@ -45,8 +52,13 @@ def _run(path, devices):
 
 
 def test_kernels_sharded_over_eight_devices_equal_one_device(tmp_path):
+    """Gradient passes and products split over eight devices give the one-device kernel, on the
+    dense, features and stream routes, and still compute each per-example gradient once (11 + 7
+    gradients for the kernel of two sets, 11 for the symmetric one; issue 17: the several-device
+    route used to recompute them per block pair)."""
     one = _run(tmp_path / "one.npz", 1)
     eight = _run(tmp_path / "eight.npz", 8)
+    assert int(one["evaluations"][0]) == int(eight["evaluations"][0]) == 11 + 7 + 11
     for name in one.files:
         np.testing.assert_allclose(eight[name], one[name], rtol=1e-12, atol=1e-12, err_msg=name)
 
