@@ -36,3 +36,42 @@ def test_a_failed_measurement_exits_non_zero(tmp_path):
               "--output", str(tmp_path / "a.json"))
     assert res.returncode == 1
     assert "FAILED" in res.stdout and "no-such-strategy" in res.stdout
+
+
+def test_the_neural_tangents_side_rebuilds_the_same_network():
+    """``conv_kernels.py --nt-python`` times neural-tangents on a plain-JAX copy of each network
+    (``scripts/nt_conv_reference.py``, run in the legacy environment); here, without
+    neural-tangents, that copy must give the package's CNN and WideResNet outputs from the
+    parameters and statistics the benchmark hands over (float64, to round-off)."""
+    import importlib.util
+
+    import jax
+    import numpy as np
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        import conv_kernels as ck
+    finally:
+        sys.path.remove(str(BENCH))
+    path = BENCH.parent / "scripts" / "nt_conv_reference.py"
+    spec = importlib.util.spec_from_file_location("nt_conv_reference", path)
+    ref = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ref)
+    with jax.enable_x64(True):
+        for name in ("cnn", "wrn-10-2"):
+            apply_fn, params, shape, _ = ck.build(name)
+            cast = lambda tree: jax.tree.map(lambda a: np.asarray(a, np.float64), tree)  # noqa: E731
+            params = cast(params)
+            stats = getattr(apply_fn, "batch_stats", None)
+            if stats is not None:
+                # statistics away from (0, 1), so that a wrong mean/variance mapping shows
+                stats = jax.tree.map(lambda a: np.asarray(a, np.float64) + 0.3, stats)
+                apply_fn = apply_fn.with_batch_stats(stats)
+            strides = [] if name == "cnn" else [int(b.conv1.strides[0]) for b in ck._model(name)[0].layers]
+            tree = ref._unflatten({k[len("param/"):]: v for k, v in ck._flat(params, "param/").items()})
+            stat_tree = ref._unflatten({k[len("stat/"):]: v for k, v in ck._flat(stats, "stat/").items()}) \
+                if stats is not None else {}
+            f = ref._network("cnn" if name == "cnn" else "wrn", shape, stat_tree, strides)
+            x = np.asarray(jax.random.normal(jax.random.key(5), (3, int(np.prod(shape))), dtype=np.float64))
+            want = np.asarray(apply_fn(params, x))
+            np.testing.assert_allclose(np.asarray(f(tree, x)), want, rtol=1e-10, atol=1e-12, err_msg=name)
