@@ -379,10 +379,12 @@ _PAPER_PROTOCOL = {
     "relative_to": ("released", "batch: flips counted against the network's arg-max; sequential: "
                                 "against the current proxy"),
     "probabilities": ("released", "simplex projection of square-loss outputs for EMOC"),
-    "bn_stats": ("ours", "running statistics recomputed on the labelled set after training (the "
-                         "released adjust_batchnorm_stats, default on in its code, off in its example "
-                         "config, averages over the whole training set): with 100-300 labels the "
-                         "moving averages lag and the network in evaluation mode fits L badly"),
+    "bn_stats": ("ours", "running statistics recomputed on the labelled set after training, in "
+                         "batches of batch_size averaged with equal weights (the released "
+                         "adjust_batchnorm_stats, default on in its code, off in its example config, "
+                         "averages three passes of full batches over the whole training set, labelled "
+                         "or not): with 100-300 labels the moving averages lag and the network in "
+                         "evaluation mode fits L badly"),
     "normalize": ("released", "MNIST pixels in [0, 1] (mean 0, std 1); CIFAR/SVHN: the loader's "
                               "per-pixel standardisation, the released code uses per-channel means"),
     "dataset": ("paper", "full MNIST (60 000 pool, 10 000 test), SVHN, CIFAR-10, CIFAR-100; no "
