@@ -275,10 +275,13 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     import jax
 
-    from .plotting import versions
+    from .provenance import git_state, versions
 
     for name, v in versions().items():
         print(f"{name:>12}: {v}")
+    git = git_state()
+    print(f"{'git':>12}: " + ("not a git checkout" if git["commit"] is None
+                              else f"{git['commit'][:12]}" + (" (uncommitted changes)" if git["dirty"] else "")))
     print(f"{'devices':>12}: {jax.devices()}")
     return 0
 

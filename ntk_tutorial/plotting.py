@@ -1,7 +1,7 @@
 """Plot style, and saving figures together with the numbers behind them.
 
 Every figure a notebook reproduces is written by :func:`save_figure` as ``NAME.png`` plus
-``NAME.json`` (the plotted numbers, the seed, fast/full mode and package versions) into
+``NAME.json`` (the plotted numbers, the seed, fast/full mode, package versions and git commit) into
 :func:`figures_dir`.  Full-mode runs write into the repository's ``figures/``; fast-mode runs
 (CI, ``--fast``) write into ``figures/fast/`` so that they never overwrite the reproduced figures.
 """
@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from . import provenance
 from .config import is_fast
 
 FIGURES_ENV = "NTK_TUTORIAL_FIGURES"
@@ -47,38 +48,13 @@ def figures_dir() -> Path:
     return path
 
 
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if hasattr(obj, "__array__"):
-        arr = np.asarray(obj)
-        return arr.item() if arr.ndim == 0 else arr.tolist()
-    if isinstance(obj, (np.generic,)):
-        return obj.item()
-    return obj
-
-
-def versions() -> dict[str, str]:
-    """Versions of the packages that produce the numbers (stored with every figure/result)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in ("ntk-tutorial", "jax", "jaxlib", "flax", "optax", "numpy"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = "not installed"
-    return out
-
-
 def save_figure(fig, name: str, data: dict | None = None, *, seed: Any = None,
                 notebook: str | None = None) -> Path:
     """Save ``fig`` as ``NAME.png`` and ``data`` (the plotted numbers) as ``NAME.json``.
 
     Returns the PNG path.  The JSON also records ``seed``, the notebook, fast/full mode and
-    package versions, so each figure can be traced to the run that made it.
+    package versions and git state (:mod:`ntk_tutorial.provenance`), so each figure can be traced
+    to the run and the code that made it.
     """
     if not name or "/" in name or name.endswith((".png", ".json")):
         raise ValueError(f"name must be a bare file stem like 'lazy_training', got {name!r}")
@@ -90,8 +66,8 @@ def save_figure(fig, name: str, data: dict | None = None, *, seed: Any = None,
         "notebook": notebook,
         "seed": seed,
         "mode": "fast" if is_fast() else "full",
-        "versions": versions(),
-        "data": _jsonable(data or {}),
+        **provenance.record(),
+        "data": provenance.jsonable(data or {}),
     }
     (out / f"{name}.json").write_text(json.dumps(meta, indent=1) + "\n")
     return png

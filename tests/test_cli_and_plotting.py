@@ -32,6 +32,7 @@ def test_save_figure_writes_png_and_numbers(tmp_path, monkeypatch):
     meta = json.loads((tmp_path / "demo.json").read_text())
     assert png.exists() and png.stat().st_size > 1000
     assert meta["data"]["y"] == [1.0, 0.0] and meta["seed"] == 7 and "jax" in meta["versions"]
+    assert set(meta["git"]) == {"commit", "dirty"}
     with pytest.raises(ValueError, match="bare file stem"):
         save_figure(fig, "sub/demo.png")
 
@@ -67,3 +68,40 @@ def test_reproduce_reports_the_failing_cell_and_continues(tmp_path):
     assert "01_fails" in out and "FAILED" in out and "cell 1" in out and "claim broken" in out
     assert "02_works" in out and "1 passed, 1 failed" in out
     assert (figs / "tiny.png").exists() and (tmp_path / "done" / "02_works.ipynb").exists()
+
+
+def test_provenance_records_the_commit_and_whether_the_code_was_changed(tmp_path):
+    """git_state names the checkout's commit (as `git rev-parse HEAD` gives it) and calls the tree
+    dirty only when a tracked file of the code or the notebooks changed, not an output."""
+    import shutil
+    import subprocess
+
+    from ntk_tutorial import provenance
+
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True,
+                              text=True).stdout.strip()
+
+    assert provenance.git_state(str(tmp_path)) == {"commit": None, "dirty": None}  # not a checkout
+    provenance.git_state.cache_clear()
+    git("init", "-q")
+    for path in ("ntk_tutorial/x.py", "figures/a.json"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text("0\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "c")
+    states = []
+    for change in (None, "figures/a.json", "ntk_tutorial/x.py"):
+        if change:
+            (tmp_path / change).write_text("1\n")
+        provenance.git_state.cache_clear()
+        states.append(provenance.git_state(str(tmp_path)))
+    provenance.git_state.cache_clear()
+    head = git("rev-parse", "HEAD")
+    assert [s["commit"] for s in states] == [head] * 3
+    assert [s["dirty"] for s in states] == [False, False, True]
+    rec = provenance.record()
+    assert set(rec) == {"versions", "git"} and "jax" in rec["versions"]

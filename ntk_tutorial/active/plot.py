@@ -138,7 +138,7 @@ def plot_curves(out_dir: str | os.PathLike, output: str | os.PathLike | None = N
     matplotlib.use(os.environ.get("MPLBACKEND", "Agg"))
     import matplotlib.pyplot as plt
 
-    from ..plotting import _jsonable, versions
+    from ..provenance import jsonable, record
 
     curves = load_curves(out_dir)
     rows, diffs = summarise(curves), paired_differences(curves, baseline)
@@ -151,8 +151,8 @@ def plot_curves(out_dir: str | os.PathLike, output: str | os.PathLike | None = N
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=120)
     plt.close(fig)
-    payload = {"versions": versions(), "rows": _jsonable(rows),
-               "differences": _jsonable([{**d, "auc": d["auc"].as_dict(), "final": d["final"].as_dict()}
+    payload = {**record(), "rows": jsonable(rows),
+               "differences": jsonable([{**d, "auc": d["auc"].as_dict(), "final": d["final"].as_dict()}
                                          for d in diffs])}
     png.with_suffix(".json").write_text(json.dumps(payload, indent=1))
     return png, rows, diffs

@@ -16,7 +16,7 @@
 
 Every cycle appends one JSON line to ``out_dir/<run name>_seed<k>.jsonl`` (:func:`run_name`: the
 strategy and what differs from the released protocol; full configuration,
-seed, labelled indices, queried indices, accuracy, timings, package versions) and saves the
+seed, labelled indices, queried indices, accuracy, timings, package versions, git commit) and saves the
 trained parameters of the cycle beside it (``<strategy>_seed<k>.cycleNNN.npz``).  Running again
 resumes after the last complete cycle: the labelled set and the warm-start parameters are
 restored, every random choice is derived from ``(seed, cycle)``, so an interrupted run continues
@@ -977,7 +977,7 @@ def run_experiment(config: ALConfig | dict, out_dir: str | os.PathLike, *,
 
 
 def _run_locked(config: ALConfig, path: Path, progress) -> list[dict]:
-    from ..plotting import versions
+    from ..provenance import record
 
     records = read_results(path, config, repair=True)
     if len(records) >= config.cycles:
@@ -1003,7 +1003,7 @@ def _run_locked(config: ALConfig, path: Path, progress) -> list[dict]:
     else:
         rng = np.random.default_rng([config.seed, 0xA1])
         labelled = [int(i) for i in rng.choice(n_pool, config.init, replace=False)]
-    vers = versions()
+    made_by = record()
     for cycle in range(len(records), config.cycles):
         t0 = time.perf_counter()
         ckey = jax.random.fold_in(base_key, cycle)
@@ -1045,7 +1045,7 @@ def _run_locked(config: ALConfig, path: Path, progress) -> list[dict]:
             "timings": {"train_s": t1 - t0, "evaluate_s": t2 - t1, "query_s": t3 - t2, "kernel_s": kernel_s,
                         "total_s": t3 - t0},
             "config": config.to_dict(),
-            "versions": vers,
+            **made_by,
         }
         # parameters first, then the line: a line on disk always has its parameters
         # (in sequential mode with retraining, the warm start is the last retrained network)
