@@ -85,6 +85,14 @@ def one_hot(y: np.ndarray, num_classes: int) -> np.ndarray:
     return np.eye(num_classes, dtype=np.float32)[y]
 
 
+def label_smoothing(y: np.ndarray, num_classes: int, eps: float = 0.1) -> np.ndarray:
+    """``(1 - eps) e_y + eps / k``: one-hot rows mixed with the uniform distribution (float32).
+    The package's one label smoothing (``distill.label_smoothing``, ``finetune.smooth_labels``)."""
+    if not 0.0 <= eps <= 1.0:
+        raise ValueError(f"eps must be in [0, 1], got {eps}")
+    return ((1.0 - eps) * one_hot(y, num_classes) + eps / num_classes).astype(np.float32)
+
+
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------

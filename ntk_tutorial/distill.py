@@ -43,6 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from .data import label_smoothing, one_hot  # noqa: F401 - part of this module's interface (notebook 05)
+
 Array = jax.Array
 SIGNALS = ("one-hot", "label-smoothing", "teacher", "early-stopped", "filter-kd", "filter-kd-end", "p-star")
 
@@ -55,21 +57,6 @@ SIGNALS = ("one-hot", "label-smoothing", "teacher", "early-stopped", "filter-kd"
 def softmax_t(logits: Array, tau: float = 1.0) -> Array:
     """``softmax(z / tau)`` over the last axis: the temperature-``tau`` prediction."""
     return jax.nn.softmax(jnp.asarray(logits) / tau, axis=-1)
-
-
-def one_hot(y, k: int) -> np.ndarray:
-    """``(n,)`` int labels to ``(n, k)`` float32 one-hot rows."""
-    y = np.asarray(y)
-    if y.ndim != 1 or (y.size and (y.min() < 0 or y.max() >= k)):
-        raise ValueError(f"labels must be a 1-D array of ints in [0, {k}), got shape {y.shape}")
-    return np.eye(k, dtype=np.float32)[y]
-
-
-def label_smoothing(y, k: int, eps: float = 0.1) -> np.ndarray:
-    """``(1 - eps) e_y + eps / k``: one-hot labels mixed with the uniform distribution."""
-    if not 0.0 <= eps <= 1.0:
-        raise ValueError(f"eps must be in [0, 1], got {eps}")
-    return ((1.0 - eps) * one_hot(y, k) + eps / k).astype(np.float32)
 
 
 def flip_labels(y, k: int, rate: float, key: Array) -> tuple[np.ndarray, np.ndarray]:

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from . import lookahead, models, train
+from . import data, lookahead, models, train
 
 Array = jax.Array
 
@@ -121,9 +121,9 @@ def head_probe(apply_fn: BackboneHead, params: dict, x: Array, y: Array, *, epoc
 
 def smooth_labels(y: Array, k: int, eps: float) -> Array:
     """One-hot labels smoothed towards uniform: ``(1 - eps) e_y + eps / k``."""
-    if not 0.0 <= eps < 1.0:
+    if not 0.0 <= eps < 1.0:  # eps = 1: uniform targets, nothing left to fit
         raise ValueError(f"label_smoothing must be in [0, 1), got {eps}")
-    return (1.0 - eps) * jax.nn.one_hot(jnp.asarray(y), k) + eps / k
+    return jnp.asarray(data.label_smoothing(np.asarray(y), k, eps))
 
 
 def energy(apply_fn: Callable, params: Any, x: Array, y: Array) -> float:

@@ -56,6 +56,7 @@ import numpy as np
 
 from .. import kernels as _kernels
 from .. import lookahead
+from ..data import one_hot
 from ..models import eval_fn
 
 KERNELS: dict[str, Callable] = {
@@ -443,7 +444,7 @@ def _lookahead_setup(ctx: Context) -> Lookahead:
     x_dtype = np.result_type(np.asarray(ctx.x_labelled).dtype, np.asarray(ctx.x_pool).dtype)
     check_lookahead_memory(ctx.apply_fn, ctx.params, n, len(ctx.x_pool), np.shape(ctx.x_pool)[1:], x_dtype,
                            ctx.num_classes, kernel=ctx.kernel, proxy=ctx.proxy)
-    y_l = np.eye(ctx.num_classes)[ctx.y_labelled]
+    y_l = one_hot(ctx.y_labelled, ctx.num_classes).astype(np.float64)
     if ctx.proxy == "one-step-sgd":
         k_ss = np.asarray(KERNELS[ctx.kernel](ctx.apply_fn, ctx.params, jnp.asarray(ctx.x_pool)), np.float64)
         return Lookahead(None, np.zeros((len(ctx.x_pool), 0)), k_ss, ctx.logits, ctx.logits, ctx.logits)
