@@ -516,10 +516,7 @@ def _clear_stale_locks(al, configs, out) -> None:
 
 
 def cmd_al_reproduce(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-
     from .active import experiments
-    from .active import run as al
 
     if args.list or not args.name:
         for name, exp in experiments.EXPERIMENTS.items():
@@ -532,6 +529,10 @@ def cmd_al_reproduce(args: argparse.Namespace) -> int:
         close = difflib.get_close_matches(args.name, list(experiments.EXPERIMENTS), n=1)
         raise UsageError(f"unknown experiment {args.name!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
                          + f"; choose one of {', '.join(experiments.EXPERIMENTS)} (--list shows them)")
+    from tqdm.auto import tqdm
+
+    from .active import run as al
+
     try:
         configs = experiments.configs(args.name, args.seeds)
     except ValueError as err:
@@ -660,8 +661,13 @@ def _metavar(spec) -> str:
     return {"int": "N", "float": "X", "widths": "W1,W2,..."}[spec.kind]
 
 
-def add_al_parsers(sub) -> None:
-    """The ``al`` and ``al-plot`` subcommands (issue 5)."""
+def add_al_parsers(sub, al_options: bool = True) -> None:
+    """The ``al``, ``al-reproduce`` and ``al-plot`` subcommands (issue 5); ``al_options=False``:
+    ``al`` without its options (declaring them imports JAX)."""
+    if not al_options:
+        sub.add_parser("al", help=_AL_COMMANDS["al"])
+        _add_al_reproduce_and_plot(sub)
+        return
     from .active.run import PRESETS, field_spec
     from .active.strategies import STRATEGIES
 
@@ -684,6 +690,10 @@ def add_al_parsers(sub) -> None:
         al.add_argument(_option(name), dest=name, type=_field_parser(name), metavar=_metavar(spec),
                         help=f"{_AL_HELP[name]} ({spec.expected()})" if name in _AL_HELP else spec.expected())
     al.set_defaults(func=cmd_al)
+    _add_al_reproduce_and_plot(sub)
+
+
+def _add_al_reproduce_and_plot(sub) -> None:
     rep = sub.add_parser("al-reproduce", help=_AL_COMMANDS["al-reproduce"])
     rep.add_argument("name", nargs="?", help="experiment name (see --list)")
     rep.add_argument("--list", action="store_true", help="list the experiments")
@@ -746,8 +756,8 @@ def add_site_parser(sub) -> None:
 
 
 def build_parser(al_options: bool = True) -> argparse.ArgumentParser:
-    """The command's parser. ``al_options=False`` leaves out the options of the ``al`` commands
-    (listing them imports JAX): ``ntk-tutorial --help`` and the other commands answer at once."""
+    """The command's parser. ``al_options=False`` leaves out the options of the ``al`` command
+    (declaring them imports JAX): ``ntk-tutorial --help`` and the other commands answer at once."""
     from . import __version__
 
     parser = OneLineParser(prog="ntk-tutorial", description=__doc__.split("\n")[0])
@@ -771,11 +781,7 @@ def build_parser(al_options: bool = True) -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="package versions and JAX devices")
     info.set_defaults(func=cmd_info)
     add_site_parser(sub)
-    if al_options:
-        add_al_parsers(sub)
-    else:
-        for name, text in _AL_COMMANDS.items():
-            sub.add_parser(name, help=text)
+    add_al_parsers(sub, al_options)
     return parser
 
 
@@ -783,15 +789,28 @@ def _warning_line(message, category, filename, lineno, file=None, line=None) -> 
     print(f"ntk-tutorial: warning: {_one_line(message)}", file=sys.stderr if file is None else file)
 
 
+def _package_errors() -> tuple[tuple, tuple]:
+    """``(usage errors, failures)``: the exception classes a command reports as one line (exit
+    status 2 and 1).  The package's own classes are taken from their modules only when those are
+    imported (a command that never imported them cannot have raised them), so ``list`` and
+    ``--help`` import no JAX."""
+    usage, failed = [UsageError], [RuntimeError, NotImplementedError, ValueError, OSError]
+    run = sys.modules.get(f"{__package__}.active.run")
+    if run is not None:
+        usage.append(run.ConfigError)
+        failed.append(run.ResultsError)
+    kernels = sys.modules.get(f"{__package__}.kernels")
+    if kernels is not None:
+        failed.append(kernels.KernelTooLargeError)
+    return tuple(usage), tuple(failed)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns the exit status (0 ok, 1 failed, 2 usage error, 130 Ctrl-C,
     143 SIGTERM) after printing any error as one line on stderr."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser(al_options=bool(set(argv) & set(_AL_COMMANDS))).parse_args(argv)
+    args = build_parser(al_options="al" in argv).parse_args(argv)
     prog = f"ntk-tutorial {args.command}"
-    from .active.run import ConfigError, ResultsError
-    from .kernels import KernelTooLargeError
-
     old_show = warnings.showwarning
     warnings.showwarning = _warning_line
     try:
@@ -806,10 +825,13 @@ def main(argv: list[str] | None = None) -> int:
                 hint = ""
         print(f"{prog}: {'stopped by SIGTERM' if terminated else 'interrupted'}{hint}", file=sys.stderr)
         return 143 if terminated else 130
-    except (UsageError, ConfigError) as err:
-        print(f"{prog}: error: {_one_line(err)}", file=sys.stderr)
-        return 2
-    except (ResultsError, KernelTooLargeError, RuntimeError, NotImplementedError, ValueError, OSError) as err:
+    except Exception as err:  # noqa: BLE001 - the package's own errors become one line; others propagate
+        usage, failed = _package_errors()
+        if isinstance(err, usage):
+            print(f"{prog}: error: {_one_line(err)}", file=sys.stderr)
+            return 2
+        if not isinstance(err, failed):
+            raise
         text = _one_line(err)
         if isinstance(err, OSError) and getattr(err, "filename", None) and str(err.filename) not in text:
             text += f" ({err.filename})"

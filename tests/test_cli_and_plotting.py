@@ -105,3 +105,19 @@ def test_provenance_records_the_commit_and_whether_the_code_was_changed(tmp_path
     assert [s["dirty"] for s in states] == [False, False, True]
     rec = provenance.record()
     assert set(rec) == {"versions", "git"} and "jax" in rec["versions"]
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["list"], ["al-reproduce", "--list"], ["nosuchcommand"]])
+def test_help_and_list_import_no_jax(argv):
+    """`ntk-tutorial --help`, `list` and `al-reproduce --list` answer without importing JAX (issue
+    15: they start in well under a second), and a usage error still ends in one line."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom ntk_tutorial.cli import main\n"
+            "try:\n    status = main(sys.argv[1:])\nexcept SystemExit as e:\n    status = e.code\n"
+            "print('JAX-IMPORTED' if 'jax' in sys.modules else 'NO-JAX', status)")
+    res = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
+    assert res.stdout.strip().splitlines()[-1].startswith("NO-JAX"), res.stdout + res.stderr
+    if argv == ["nosuchcommand"]:
+        assert res.stdout.strip().endswith(" 2") and "invalid choice" in res.stderr
