@@ -577,7 +577,7 @@ def _all_features(apply_fn: ApplyFn, kind: str, params: Any, x: Array, aux: Any,
     fn = _features_fn(apply_fn, kind, gradients)
     d = max(len(devices), 1)
     if d > 1:
-        fn = _sharded_rows(fn, tuple(devices), 3)
+        fn = _sharded_rows(fn, tuple(devices), 3, split=1)
     n = x.shape[0]
     c = min(chunk, -(-n // d)) * d
     parts = []
@@ -592,15 +592,16 @@ def _all_features(apply_fn: ApplyFn, kind: str, params: Any, x: Array, aux: Any,
 
 
 @lru_cache(maxsize=64)
-def _sharded_rows(fn: Callable, devices: tuple, n_args: int) -> Callable:
-    """``fn`` with the rows of its second argument split across ``devices`` (``jax.shard_map``
-    over a 1-D mesh; the other arguments replicated, rows are independent so nothing is
-    communicated).  The caller pads the rows to a multiple of ``len(devices)``."""
+def _sharded_rows(fn: Callable, devices: tuple, n_args: int, split: int) -> Callable:
+    """``fn`` with the rows of its argument number ``split`` (and of its result) split across
+    ``devices`` (``jax.shard_map`` over a 1-D mesh; the other arguments replicated, rows are
+    independent so nothing is communicated).  The caller pads the rows to a multiple of
+    ``len(devices)``."""
     from jax.sharding import Mesh
     from jax.sharding import PartitionSpec as P
 
     mesh = Mesh(np.asarray(devices), ("rows",))
-    specs = tuple(P("rows") if i == 1 else P() for i in range(n_args))
+    specs = tuple(P("rows") if i == split else P() for i in range(n_args))
     return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=P("rows"), check_vma=False))
 
 
@@ -613,14 +614,14 @@ def _product(f1: Array, f2: Array, kind: str, devices: Any = ()) -> Array:
     pad = (-n) % d
     if pad:
         f1 = jnp.concatenate([f1, jnp.zeros((pad, *f1.shape[1:]), f1.dtype)])
-    fn = _sharded_rows(_contractor(kind), tuple(devices), 2)
-    # the first argument is the one split: (f2, f1) -> rows of f1
-    return fn(f2, f1)[:n]
+    return _sharded_rows(_contractor(kind), tuple(devices), 2, split=0)(f1, f2)[:n]
 
 
 @lru_cache(maxsize=8)
 def _contractor(kind: str) -> Callable:
-    return lambda f2, f1: _contract(f1, f2, kind)
+    """``_contract`` for one kind as a function of the two feature blocks (one object per kind,
+    so that :func:`_sharded_rows` compiles it once)."""
+    return lambda f1, f2: _contract(f1, f2, kind)
 
 
 def _feature_bytes(apply_fn: ApplyFn, params: Any, x: Array, kind: str) -> int:
@@ -1090,7 +1091,7 @@ def _run_block(block, params, xa, xb, devices) -> np.ndarray:
     pad = (-n) % len(devices)
     if pad:
         xa = jnp.concatenate([xa, jnp.repeat(xa[-1:], pad, axis=0)])
-    return np.asarray(_sharded_rows(block, tuple(devices), 4)(params, xa, xb, None))[:n]
+    return np.asarray(_sharded_rows(block, tuple(devices), 4, split=1)(params, xa, xb, None))[:n]
 
 
 def _kernel(
