@@ -69,29 +69,30 @@ def main() -> None:
 
     def trained(dropout: float):
         c = al.config_from_preset(PRESET, subset=args.subset, seed=args.seed, dropout=dropout)
-        apply_fn, params0 = al.build_model(c, in_dim, ds.num_classes)
+        apply_fn, params0, state0 = al.build_model(c, in_dim, ds.num_classes)
         times, net = [], None
         for _ in range(1 + args.repeat):  # first run compiles
             start = time.perf_counter()
-            net = al._train(apply_fn, params0, ds.x_train[lab], ds.y_train[lab], c, jax.random.key(args.seed))
-            jax.block_until_ready(net[1])
+            net = al._train(apply_fn, params0, state0, ds.x_train[lab], ds.y_train[lab], c,
+                            jax.random.key(args.seed))
+            jax.block_until_ready(net[0])
             times.append(time.perf_counter() - start)
-        return net[0], net[1], min(times[1:])
+        return apply_fn, net[0], net[1], min(times[1:])
 
     nets = {0.0: trained(0.0)}
     if "bald" in names:
         nets[0.2] = trained(0.2)
-    for d, (_, _, t) in nets.items():
+    for d, (_, _, _, t) in nets.items():
         print(f"training (dropout {d}): {t:.2f} s for {cfg.epochs} epochs on {len(lab)} labels")
 
     def one_round(name: str, i: int) -> float:
-        apply_fn, params, _ = nets[0.2 if name == "bald" else 0.0]
+        apply_fn, params, state, _ = nets[0.2 if name == "bald" else 0.0]
         c = al.config_from_preset(PRESET, subset=args.subset, seed=args.seed, strategy=name,
                                   dropout=0.2 if name == "bald" else None)
         start = time.perf_counter()
         ctx = st.Context(apply_fn, params, ds.x_train[lab], ds.y_train[lab], ds.x_train[cand], ds.num_classes,
                          kernel=c.kernel, relative_to=c.relative_to, proxy=c.proxy,
-                         probabilities=c.probabilities, lr=c.lr)
+                         probabilities=c.probabilities, lr=c.lr, state=state)
         st.select(name, ctx, cfg.query, jax.random.key(i))
         return time.perf_counter() - start
 
@@ -105,20 +106,20 @@ def main() -> None:
             rounds[name] = {"error": f"{type(err).__name__}: {err}"}
             failures.append(f"{name}: {type(err).__name__}: {err}")
             continue
-        train_s = nets[0.2 if name == "bald" else 0.0][2]
+        train_s = nets[0.2 if name == "bald" else 0.0][3]
         rounds[name] = {"query_s": best, "train_s": train_s, "ratio_to_training": best / train_s}
         print(f"{name:12s} query round {best:8.3f} s   = {best / train_s:7.2f} x training", flush=True)
 
     # one sequential cycle of the released objective against its batch round
     sequential = None
-    apply_fn, params, _ = nets[0.0]
+    apply_fn, params, state, _ = nets[0.0]
     seq_cfg = al.config_from_preset(PRESET, subset=args.subset, seed=args.seed, strategy="mlmoc-flips",
                                     mode="sequential")
     try:
         times = []
         for i in range(1 + args.repeat):
             start = time.perf_counter()
-            al._sequential_query(apply_fn, params, seq_cfg, ds, lab, cand, jax.random.key(i))
+            al._sequential_query(apply_fn, params, state, seq_cfg, ds, lab, cand, jax.random.key(i))
             times.append(time.perf_counter() - start)
         batch_s = rounds.get("mlmoc-flips", {}).get("query_s")
         if batch_s is None:

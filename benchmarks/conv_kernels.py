@@ -3,7 +3,7 @@
 For the small CNN (2 conv layers of 32 channels on 28x28x1 images) and WRN-10-2 (on 32x32x3),
 times each kernel after compilation (best of ``--repeat``) twice in the same run: with the
 package's per-example gradients from one batched backward pass (``kernels.GRADIENTS = "auto"``,
-:mod:`ntk_tutorial.pergrad`) and with ``vmap(grad)`` (``"vmap"``, what the package did before).
+:mod:`ntk_tutorial.kernels.pergrad`) and with ``vmap(grad)`` (``"vmap"``, what the package did before).
 Prints for each case the seconds, the speed-up, the gradient evaluations per point
 (``kernels.gradient_evaluations``), and the ratio to the *matmul limit*: the kernel's FLOPs
 (XLA's count for the gradient passes, plus the products) divided by the float32 matmul rate
@@ -62,8 +62,8 @@ def build(name: str):
     from ntk_tutorial import models
 
     model, shape = _model(name)
-    apply_fn, params = models.functional(model)
-    return apply_fn, params, shape, jax
+    apply_fn, params, state = models.split(model)
+    return apply_fn, params, state, shape, jax
 
 
 def _flat(tree, prefix: str) -> dict:
@@ -87,9 +87,8 @@ def neural_tangents(python: str, name: str, kind: str, n: int, repeat: int, floa
 
     from ntk_tutorial import kernels
 
-    apply_fn, params, shape, jax = build(name)
+    apply_fn, params, stats, shape, jax = build(name)
     x = np.asarray(jax.random.normal(jax.random.key(1), (n, int(np.prod(shape)))))
-    stats = getattr(apply_fn, "batch_stats", None)
     package = None
     if float64:
         with jax.enable_x64(True):
@@ -97,8 +96,7 @@ def neural_tangents(python: str, name: str, kind: str, n: int, repeat: int, floa
             params, x = cast(params), x.astype(np.float64)
             if stats is not None:
                 stats = cast(stats)
-                apply_fn = apply_fn.with_batch_stats(stats)
-            package = np.asarray(getattr(kernels, kind)(apply_fn, params, x))
+            package = np.asarray(getattr(kernels, kind)(apply_fn, params, x, state=stats))
     strides = []
     if name != "cnn":
         strides = [int(layer.conv1.strides[0]) for layer in _model(name)[0].layers]
@@ -137,7 +135,7 @@ def measure(name: str, kind: str, n: int, repeat: int, gradients: str, budget: i
 
     from ntk_tutorial import kernels
 
-    apply_fn, params, shape, jax = build(name)
+    apply_fn, params, state, shape, jax = build(name)
     x = jax.random.normal(jax.random.key(1), (n, int(np.prod(shape))))
     fn = {"pntk": kernels.pntk, "entk": kernels.entk}[kind]
     kernels.GRADIENTS = gradients
@@ -145,13 +143,13 @@ def measure(name: str, kind: str, n: int, repeat: int, gradients: str, budget: i
     if budget is not None:
         kernels._jacobian_budget = lambda: budget
     try:
-        plan = kernels.plan_kernel(kind, apply_fn, params, x)
-        out = np.asarray(fn(apply_fn, params, x))  # compile
+        plan = kernels.plan_kernel(kind, apply_fn, params, x, state=state)
+        out = np.asarray(fn(apply_fn, params, x, state=state))  # compile
         best, evals = float("inf"), 0
         for _ in range(repeat):
             e0 = kernels.gradient_evaluations()
             t = time.perf_counter()
-            out = np.asarray(fn(apply_fn, params, x))
+            out = np.asarray(fn(apply_fn, params, x, state=state))
             best = min(best, time.perf_counter() - t)
             evals = kernels.gradient_evaluations() - e0
     finally:

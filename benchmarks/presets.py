@@ -84,7 +84,7 @@ def estimate(preset: str, rows: list[dict]) -> dict:
     cfg = al.config_from_preset(preset)
     image = {"mnist-5k": (28, 28, 1), "mnist": (28, 28, 1)}.get(cfg.dataset, (32, 32, 3))
     classes = 100 if cfg.dataset == "cifar100" else 10
-    apply_fn, params = al.build_model(cfg, int(np.prod(image)), classes, image)
+    _, params, _ = al.build_model(cfg, int(np.prod(image)), classes, image)
     n_params = sum(int(x.size) for x in jax.tree.leaves(params))
     small, big = rows[0], rows[-1]
     per_example_epoch = big["train_s"] / (big["epochs"] * big["n"])

@@ -27,37 +27,44 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from . import data, lookahead, models, train
+from . import data, kernels, lookahead, models, train
 
 Array = jax.Array
 
 
-@dataclass(frozen=True)
-class BackboneHead:
-    """``apply_fn(params, x)`` for ``params = {"backbone": ..., "head": ...}``.
+@dataclass(frozen=True, init=False)
+class BackboneHead(kernels.DenseMLP):
+    """``apply_fn(params, x)`` for ``params = {"backbone": ..., "head": ...}``: an MLP backbone
+    followed by an MLP head (both :class:`~ntk_tutorial.kernels.DenseMLP`).
 
-    ``features(params["backbone"], x)`` gives ``z``; ``head(params["head"], z)`` gives logits.
-    Hashable (by its two functions), so jitted code is reused across seeds.
+    ``backbone_features(params["backbone"], x)`` gives ``z``; ``head(params["head"], z)`` gives
+    logits.  Backbone then head is one MLP (its layers are the backbone's and the head's), so
+    it is a ``DenseMLP`` itself: the kernels' dense route applies, and two of the same shapes
+    are equal, so jitted code is reused across seeds.
     """
 
-    backbone: Callable[[Any, Array], Array]
-    head: Callable[[Any, Array], Array]
-    activation: str = "relu"
+    backbone: kernels.DenseMLP = None
+    head: kernels.DenseMLP = None
 
-    def features(self, backbone_params: Any, x: Array) -> Array:
-        return models.activation_fn(self.activation)(self.backbone(backbone_params, x))
+    def __init__(self, backbone: kernels.DenseMLP, head: kernels.DenseMLP):
+        if not (isinstance(backbone, kernels.DenseMLP) and isinstance(head, kernels.DenseMLP)):
+            raise TypeError("backbone and head must be MLPs (models.functional of a models.MLP)")
+        if backbone.activation != head.activation:
+            raise ValueError(f"backbone and head must share one activation, got {backbone.activation!r} "
+                             f"and {head.activation!r}")
+        for name, value in (("activation", backbone.activation), ("scales", backbone.scales + head.scales),
+                            ("dropout", 0.0), ("backbone", backbone), ("head", head)):
+            object.__setattr__(self, name, value)
+
+    def layers(self, params: Any) -> list:
+        return self.backbone.layers(params["backbone"]) + self.head.layers(params["head"])
+
+    def backbone_features(self, backbone_params: Any, x: Array) -> Array:
+        """``z = phi(B(x))``: the features the head sees."""
+        return kernels.activation_fn(self.activation)(self.backbone(backbone_params, x))
 
     def __call__(self, params: Any, x: Array, dropout_key: Array | None = None) -> Array:
-        return self.head(params["head"], self.features(params["backbone"], x))
-
-    # An MLP backbone followed by an MLP head is one MLP: the kernels' dense route applies.
-    @property
-    def is_dense(self) -> bool:
-        return bool(getattr(self.backbone, "is_dense", False) and getattr(self.head, "is_dense", False)
-                    and self.backbone.activation == self.head.activation == self.activation)
-
-    def dense_layers(self, params: Any) -> list:
-        return self.backbone.dense_layers(params["backbone"]) + self.head.dense_layers(params["head"])
+        return self.head(params["head"], self.backbone_features(params["backbone"], x))
 
 
 def mlp_backbone_head(
@@ -80,7 +87,7 @@ def mlp_backbone_head(
         models.MLP((d_in,) + (width,) * depth, activation=activation, rngs=nnx.Rngs(params=k_b))
     )
     head_fn, ph = new_head(width, num_classes, key=k_h, hidden=head_hidden, activation=activation)
-    return BackboneHead(backbone_fn, head_fn, activation), {"backbone": pb, "head": ph}
+    return BackboneHead(backbone_fn, head_fn), {"backbone": pb, "head": ph}
 
 
 def new_head(feature_dim: int, num_classes: int, *, key: Array, hidden: int | None = None,
@@ -97,7 +104,7 @@ def with_new_head(apply_fn: BackboneHead, params: dict, num_classes: int, *, key
     feature_dim = layers[max(layers)]["w"].shape[1]
     head_fn, ph = new_head(feature_dim, num_classes, key=key, hidden=hidden,
                            activation=apply_fn.activation)
-    return BackboneHead(apply_fn.backbone, head_fn, apply_fn.activation), {
+    return BackboneHead(apply_fn.backbone, head_fn), {
         "backbone": params["backbone"], "head": ph}
 
 
@@ -111,7 +118,7 @@ def head_probe(apply_fn: BackboneHead, params: dict, x: Array, y: Array, *, epoc
     """
     if epochs == 0:
         return params
-    z = apply_fn.features(params["backbone"], jnp.asarray(x))
+    z = apply_fn.backbone_features(params["backbone"], jnp.asarray(x))
     k = jax.eval_shape(apply_fn.head, params["head"], z[:1]).shape[-1]
     targets = smooth_labels(y, k, label_smoothing)
     res = train.train(apply_fn.head, params["head"], z, targets, lr=lr, epochs=epochs,

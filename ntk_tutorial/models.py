@@ -1,7 +1,9 @@
 """Small flax-nnx models and the one functional interface the kernel code needs.
 
 Every kernel in :mod:`ntk_tutorial.kernels` takes ``apply_fn(params, x) -> (n, k)`` logits,
-exactly as neural-tangents did.  :func:`functional` turns an nnx model into that pair.
+exactly as neural-tangents did.  :func:`functional` turns an nnx model into that pair;
+:func:`split` gives ``(apply_fn, params, state)`` for networks with batch norm, whose running
+statistics (``state``) are passed explicitly beside the parameters.
 
 Parameterisations (Jacot et al. 2018; neural-tangents' ``stax.Dense``):
 
@@ -23,27 +25,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from .kernels import ACTIVATIONS, DenseMLP, activation_fn  # noqa: F401 - part of this module's interface
+
 Array = jax.Array
 
-ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
-    "relu": jax.nn.relu,
-    "erf": jax.scipy.special.erf,
-    "tanh": jnp.tanh,
-    "gelu": jax.nn.gelu,
-    "linear": lambda z: z,
-}
-
 PARAMETERIZATIONS = ("ntk", "standard")
-
-
-def activation_fn(name: str) -> Callable[[Array], Array]:
-    """Look up an activation by name; unknown names list the available ones."""
-    try:
-        return ACTIVATIONS[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}"
-        ) from None
 
 
 class Dense(nnx.Module):
@@ -222,7 +208,7 @@ class _ImageNet(nnx.Module):
     the function whose eNTK the kernels compute (the statistics are constants there, not
     parameters).  ``model(x, train=True)`` normalises with the batch statistics and updates
     the running ones (what :func:`ntk_tutorial.train.train` does through
-    :meth:`FunctionalModel.train_apply`).  ``dropout_key`` drops features before the readout
+    :meth:`Model.train_apply`).  ``dropout_key`` drops features before the readout
     (MC dropout for BALD).
     """
 
@@ -447,75 +433,70 @@ class ResNet18(_ImageNet):
         return h.mean(axis=(1, 2))
 
 
+def _shapes(tree: Any) -> Any:
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
+
+
 @dataclass(frozen=True, eq=False)
-class FunctionalModel:
-    """``apply_fn(params, x, dropout_key=None)`` for an nnx model.
+class Model:
+    """An nnx network as functions of plain data: ``model(params, x[, state])`` -> logits.
 
-    Two functional models of the same architecture (equal nnx graph definitions and no
-    non-parameter state) compare equal, so jitted kernels and training steps compiled for one
-    are reused for the other: re-initialising with a new seed does not recompile.
+    ``params`` is a plain nested dict of arrays (``nnx.to_pure_dict``): it can be
+    differentiated, stored with ``numpy.savez`` and printed.  ``state`` holds what is not
+    differentiated: the running statistics of the batch norms (a plain dict as well), ``None``
+    for a network without batch norm.  Both are passed explicitly to every function, the way
+    flax linen passed ``{"params", "batch_stats"}``; the record itself holds only the
+    architecture (the nnx graph definition and the shapes of its variables), so two models of
+    the same architecture are equal and share every compiled function: a new seed or new
+    statistics do not recompile.
 
-    ``params`` is a plain nested dict of arrays (``nnx.to_pure_dict``), so it can be
-    differentiated, stored with ``numpy.savez`` and printed.  For :class:`MLP` the object also
-    describes its dense layers, which lets :mod:`ntk_tutorial.kernels` use its fast exact path.
+    * ``model(params, x, state, dropout_key=None)``: evaluation mode (batch norm with the
+      running statistics, constants for the kernels);
+    * ``model.train_apply(params, state, x, dropout_key)`` -> ``(logits, new state)``: training
+      mode (batch statistics, running ones updated);
+    * ``model.features(params, x, state)``: the readout layer's input (BADGE, core-set);
+    * ``model.population_stats(params, state, x, batch_size)``: running statistics recomputed
+      from data.
     """
 
     graphdef: Any
-    state: Any  # the nnx.State template (shapes and dtypes) that pure dicts are poured into
-    rest: Any  # non-parameter variables (batch-norm statistics; none for MLP/CNN)
-    activation: str | None = None  # set for MLP only
+    params_template: Any  # nnx.State of shapes: where a pure dict of parameters is poured
+    state_template: Any  # nnx.State of the other variables (shapes; batch-norm statistics)
+    stateful: bool  # has batch-norm statistics (state must be passed)
+    has_features: bool
+    readout_scale: float = 1.0
 
-    def _model(self, params: Any, rest: Any = None) -> nnx.Module:
-        state = jax.tree.map(lambda v: v, self.state)
-        nnx.replace_by_pure_dict(state, params)
-        return nnx.merge(self.graphdef, state, self.rest if rest is None else rest)
+    def _merge(self, params: Any, state: Any) -> nnx.Module:
+        if self.stateful and state is None:
+            raise ValueError("this network has batch-norm statistics: pass its state "
+                             "(model, params, state = models.split(nnx_model))")
+        values = jax.tree.map(lambda v: v, self.params_template)
+        nnx.replace_by_pure_dict(values, params)
+        rest = jax.tree.map(lambda v: v, self.state_template)
+        if self.stateful:
+            nnx.replace_by_pure_dict(rest, state)
+        return nnx.merge(self.graphdef, values, rest)
 
-    def __call__(self, params: Any, x: Array, dropout_key: Array | None = None) -> Array:
-        return self._model(params)(x, dropout_key=dropout_key)
+    def __call__(self, params: Any, x: Array, state: Any = None, dropout_key: Array | None = None) -> Array:
+        return self._merge(params, state)(x, dropout_key=dropout_key)
 
-    @property
-    def template(self) -> "FunctionalModel":
-        """One canonical functional model per architecture (graph definition).
-
-        Training steps and evaluation compiled for the template take the batch-norm statistics
-        as data, so a model with new statistics (:meth:`with_batch_stats`) reuses them.
-        """
-        return _TEMPLATES.setdefault(self.graphdef, self)
-
-    # --- batch norm: running statistics are state, not parameters ---------------------------
-    @property
-    def batch_stats(self) -> Any | None:
-        """The running statistics of the model's batch norms (a pure dict), or ``None``.
-
-        ``apply_fn(params, x)`` uses them as constants, so kernels are taken with batch norm
-        frozen; :func:`ntk_tutorial.train.train` updates them through :meth:`train_apply` and
-        returns a new functional model holding the new ones (:meth:`with_batch_stats`).
-        """
-        leaves = jax.tree.leaves(self.rest)
-        if not leaves:
-            return None
-        return nnx.to_pure_dict(self.rest)
-
-    def with_batch_stats(self, batch_stats: Any) -> "FunctionalModel":
-        """The same network with other running statistics (a new, distinct functional model)."""
-        if self.batch_stats is None:
-            raise ValueError("this model has no batch-norm statistics")
-        rest = jax.tree.map(lambda v: v, self.rest)
-        nnx.replace_by_pure_dict(rest, batch_stats)
-        return FunctionalModel(self.graphdef, self.state, rest, self.activation)
-
-    def train_apply(self, params: Any, batch_stats: Any, x: Array,
+    def train_apply(self, params: Any, state: Any, x: Array,
                     dropout_key: Array | None = None) -> tuple[Array, Any]:
-        """Training-mode forward pass: ``(logits, new batch_stats)``; batch norm normalises with
-        the batch's statistics and updates the running ones."""
-        rest = jax.tree.map(lambda v: v, self.rest)
-        nnx.replace_by_pure_dict(rest, batch_stats)
-        model = self._model(params, rest)
+        """Training-mode forward pass: ``(logits, new state)``; batch norm normalises with the
+        batch's statistics and updates the running ones."""
+        model = self._merge(params, state)
         out = model(x, dropout_key=dropout_key, train=True)
-        _, _, new_rest = nnx.split(model, nnx.Param, ...)
-        return out, nnx.to_pure_dict(new_rest)
+        _, _, rest = nnx.split(model, nnx.Param, ...)
+        return out, nnx.to_pure_dict(rest)
 
-    def population_stats(self, params: Any, x: Array, batch_size: int | None = None) -> Any:
+    def features(self, params: Any, x: Array, state: Any = None) -> Array:
+        """``(n, h)`` inputs of the readout layer (evaluation mode)."""
+        if not self.has_features:
+            raise NotImplementedError("this network has no features() method (penultimate features); "
+                                      "BADGE and core-set need one")
+        return self._merge(params, state).features(x)
+
+    def population_stats(self, params: Any, state: Any, x: Array, batch_size: int | None = None) -> Any:
         """Running statistics recomputed from ``x`` with these parameters: the batch statistics of
         ``x`` (one batch, ``batch_size=None``) or their average over batches of ``batch_size``.
 
@@ -523,141 +504,119 @@ class FunctionalModel:
         parameters; with the recomputed statistics the network in evaluation mode is the network
         training saw (the released look-ahead code's ``adjust_batchnorm_stats`` does the same,
         averaging batch statistics over a pass of the data)."""
-        if self.batch_stats is None:
+        if not self.stateful:
             raise ValueError("this model has no batch-norm statistics")
-        fn = _population_fn(self.template)
+        fn = _population_fn(self)
         x = jnp.asarray(x)
         size = x.shape[0] if batch_size is None else int(batch_size)
-        parts = [fn(params, self.batch_stats, x[i:i + size]) for i in range(0, x.shape[0], size)]
+        parts = [fn(params, state, x[i:i + size]) for i in range(0, x.shape[0], size)]
         return jax.tree.map(lambda *a: sum(a) / len(a), *parts)
 
-    # --- penultimate features (BADGE, core-set) ----------------------------------------------
-    @property
-    def has_features(self) -> bool:
-        model = nnx.merge(self.graphdef, self.state, self.rest)
-        return hasattr(model, "features")
-
-    def features(self, params: Any, x: Array) -> Array:
-        """``(n, h)`` inputs of the readout layer (deterministic network, batch norm frozen)."""
-        model = self._model(params)
-        if not hasattr(model, "features"):
-            raise NotImplementedError(f"{type(model).__name__} has no features() method (penultimate "
-                                      "features); BADGE and core-set need one")
-        return model.features(x)
-
-    @property
-    def readout_scale(self) -> float:
-        """Factor of the readout weights: ``logits = features @ W * readout_scale + bias``."""
-        model = nnx.merge(self.graphdef, self.state, self.rest)
-        return float(getattr(model, "readout_scale", 1.0))
-
     def _key(self):
-        rest = self.rest if jax.tree.leaves(self.rest) else None
-        return (self.graphdef, self.activation, id(rest) if rest is not None else None)
+        leaves, treedef = jax.tree.flatten(self.params_template)
+        shapes = tuple((tuple(a.shape), str(a.dtype)) for a in leaves)
+        return (self.graphdef, treedef, shapes, self.stateful)
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, FunctionalModel) and self._key() == other._key()
+        return isinstance(other, Model) and self._key() == other._key()
 
     def __hash__(self) -> int:
         return hash(self._key())
 
-    # --- dense-network description used by the kernels' fast path -------------------------
-    @property
-    def is_dense(self) -> bool:
-        return self.activation is not None
-
-    def dense_layers(self, params: Any) -> list[tuple[Array, Array, float, float]]:
-        """``[(W, b, w_scale, b_scale), ...]`` such that layer l computes ``a @ W * w_scale + b * b_scale``."""
-        model = nnx.merge(self.graphdef, self.state, self.rest)
-        return [
-            (params["layers"][i]["w"], params["layers"][i]["b"], layer.w_scale, layer.b_scale)
-            for i, layer in enumerate(model.layers)
-        ]
-
-
-_TEMPLATES: dict = {}
-
 
 @lru_cache(maxsize=64)
-def _population_fn(template: "FunctionalModel") -> Callable:
-    """Jitted ``(params, stats, x) -> the batch statistics of x`` (batch norm in training mode with
-    momentum 0, so the running statistics become the batch's)."""
+def _population_fn(model: Model) -> Callable:
+    """Jitted ``(params, state, x) -> the batch statistics of x`` (batch norm in training mode
+    with momentum 0, so the running statistics become the batch's)."""
 
-    def fn(params, stats, x):
-        rest = jax.tree.map(lambda v: v, template.rest)
-        nnx.replace_by_pure_dict(rest, stats)
-        model = template._model(params, rest)
-        for _, module in nnx.iter_modules(model):
+    def fn(params, state, x):
+        net = model._merge(params, state)
+        for _, module in nnx.iter_modules(net):
             if isinstance(module, nnx.BatchNorm):
                 module.momentum = 0.0
-        model(x, train=True)
-        _, _, new_rest = nnx.split(model, nnx.Param, ...)
-        return nnx.to_pure_dict(new_rest)
+        net(x, train=True)
+        _, _, rest = nnx.split(net, nnx.Param, ...)
+        return nnx.to_pure_dict(rest)
 
     return jax.jit(fn)
 
 
-class StatsApply:
-    """``f(params, x, stats[, dropout_key])`` for a batch-norm architecture: the running
-    statistics as data beside the parameters, so one compiled function serves every set of
-    statistics (they change with every training run).  Used by :func:`eval_fn` and by the
-    kernels, which differentiate with respect to ``params`` only."""
+def call(apply_fn: Callable, params: Any, x: Array, state: Any = None, dropout_key: Array | None = None) -> Array:
+    """``apply_fn(params, x)``, with ``state`` and ``dropout_key`` passed only when given (a plain
+    ``f(params, x)`` takes neither)."""
+    args = () if state is None else (state,)
+    if dropout_key is None:
+        return apply_fn(params, x, *args)
+    return apply_fn(params, x, *args, dropout_key=dropout_key)
 
-    def __init__(self, template: "FunctionalModel"):
-        self.template = template
 
-    def __call__(self, params: Any, x: Array, stats: Any, dropout_key: Array | None = None) -> Array:
-        return self.template.with_batch_stats(stats)(params, x, dropout_key)
-
-    def features(self, params: Any, x: Array, stats: Any, dropout_key: Array | None = None) -> Array:
-        return self.template.with_batch_stats(stats).features(params, x)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, StatsApply) and other.template == self.template
-
-    def __hash__(self) -> int:
-        return hash((StatsApply, self.template))
+def has_features(apply_fn: Callable) -> bool:
+    """Whether ``apply_fn`` gives penultimate features: an MLP (:class:`~ntk_tutorial.kernels.DenseMLP`)
+    or a :class:`Model` whose network has a ``features`` method."""
+    return isinstance(apply_fn, DenseMLP) or (isinstance(apply_fn, Model) and apply_fn.has_features)
 
 
 @lru_cache(maxsize=64)
-def _jit(fn: Callable, what: str) -> Callable:
-    return jax.jit(fn if what == "logits" else fn.features)
+def _jit(apply_fn: Callable, what: str) -> Callable:
+    if what == "features":
+        return jax.jit(lambda params, x, state: apply_fn.features(params, x, state))
+    return jax.jit(lambda params, x, state, dropout_key: call(apply_fn, params, x, state, dropout_key))
 
 
 def eval_fn(apply_fn: Callable, what: str = "logits") -> Callable:
-    """Jitted ``f(params, x, dropout_key=None)`` for ``apply_fn``: its logits, or with
-    ``what="features"`` the penultimate features of a model from this module.
+    """Jitted ``f(params, x, state=None, dropout_key=None)`` for ``apply_fn``: its logits, or with
+    ``what="features"`` the penultimate features (:func:`has_features`).
 
-    Compiled once per architecture: for a batch-norm model the running statistics are passed as
-    data (:class:`StatsApply`), so models that differ only in them (every active-learning cycle)
-    share one compiled function."""
+    Compiled once per architecture (``apply_fn`` compares by architecture), with the state as
+    data, so models that differ only in their parameters or batch-norm statistics (every
+    active-learning cycle) share one compiled function."""
     if what not in ("logits", "features"):
         raise ValueError(f"what must be 'logits' or 'features', got {what!r}")
-    stats = getattr(apply_fn, "batch_stats", None)
-    if stats is None:
-        f = _jit(apply_fn, what)
-        return lambda params, x, dropout_key=None: (
-            f(params, x) if dropout_key is None else f(params, x, dropout_key))
-    g = _jit(StatsApply(apply_fn.template), what)
-    return lambda params, x, dropout_key=None: g(params, x, stats, dropout_key)
+    if what == "features" and not has_features(apply_fn):
+        raise NotImplementedError("penultimate features need a model from ntk_tutorial.models "
+                                  "(models.functional or models.split of an MLP, CNN or ResNet)")
+    f = _jit(apply_fn, what)
+    if what == "features":
+        return lambda params, x, state=None, dropout_key=None: f(params, x, state)
+    return lambda params, x, state=None, dropout_key=None: f(params, x, state, dropout_key)
 
 
-def functional(model: nnx.Module) -> tuple[FunctionalModel, Any]:
-    """Split an nnx model into ``(apply_fn, params)`` with ``apply_fn(params, x) -> logits``.
+def split(model: nnx.Module) -> tuple[Callable, Any, Any]:
+    """Split an nnx model into ``(apply_fn, params, state)``: its functions and its data.
+
+    ``apply_fn`` is a :class:`~ntk_tutorial.kernels.DenseMLP` for an :class:`MLP` (the kernels'
+    dense route applies) and a :class:`Model` otherwise; ``state`` is the batch-norm running
+    statistics (a pure dict), or ``None`` for a network without batch norm.
+    """
+    graphdef, values, rest = nnx.split(model, nnx.Param, ...)
+    params = nnx.to_pure_dict(values)
+    if isinstance(model, MLP):
+        scales = tuple((float(layer.w_scale), float(layer.b_scale)) for layer in model.layers)
+        return DenseMLP(model.activation, scales, float(model.dropout)), params, None
+    stateful = bool(jax.tree.leaves(rest))
+    # the record only gives the structure: shapes, not arrays (compiled functions are cached
+    # per architecture, and a wide network's initial weights should not stay alive)
+    record = Model(graphdef, _shapes(values), _shapes(rest) if stateful else rest, stateful,
+                   hasattr(model, "features"), float(getattr(model, "readout_scale", 1.0)))
+    return record, params, (nnx.to_pure_dict(rest) if stateful else None)
+
+
+def functional(model: nnx.Module) -> tuple[Callable, Any]:
+    """Split a network without state into ``(apply_fn, params)`` with ``apply_fn(params, x) -> logits``.
 
     Example::
 
         model = MLP((64, 256, 10), rngs=nnx.Rngs(params=key))
         apply_fn, params = functional(model)
         logits = apply_fn(params, x)          # (n, 10)
+
+    Networks with batch norm have state as well: use :func:`split`.
     """
-    graphdef, state, rest = nnx.split(model, nnx.Param, ...)
-    params = nnx.to_pure_dict(state)
-    # the template only gives the structure: keep shapes, not arrays (compiled functions are
-    # cached per functional model, and a wide network's initial weights should not stay alive)
-    state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
-    activation = model.activation if isinstance(model, MLP) else None
-    return FunctionalModel(graphdef, state, rest, activation), params
+    apply_fn, params, state = split(model)
+    if state is not None:
+        raise ValueError(f"{type(model).__name__} has batch-norm statistics: use "
+                         "apply_fn, params, state = models.split(model) and pass state= on")
+    return apply_fn, params
 
 
 def num_params(params: Any) -> int:

@@ -87,10 +87,8 @@ class TrainResult:
       predictions: ``(len(record_steps), n_record, k)`` logits on ``record_x``, or ``None``.
       kernels: ``(len(record_steps), ...)`` kernels on ``record_x``, or ``None``.
       config: the settings, seed included, to store beside results.
-      apply_fn: the trained network's ``apply_fn``: the one passed in, or for a model with batch
-        norm a new :class:`~ntk_tutorial.models.FunctionalModel` holding the updated running
-        statistics (use it, not the old one, for predictions and kernels).
-      batch_stats: those running statistics (``None`` without batch norm).
+      state: the network's state after training: the updated batch-norm running statistics
+        (pass them, not the old ones, to predictions and kernels); ``None`` without batch norm.
     """
 
     params: Any
@@ -99,8 +97,7 @@ class TrainResult:
     predictions: np.ndarray | None = None
     kernels: np.ndarray | None = None
     config: dict = field(default_factory=dict)
-    apply_fn: Any = None
-    batch_stats: Any = None
+    state: Any = None
 
 
 _KERNEL_FNS = {
@@ -134,15 +131,18 @@ def train(
     progress: bool = False,
     recompute_stats: bool = False,
     lr_schedule: str = "constant",
+    state: Any = None,
 ) -> TrainResult:
     """Train ``apply_fn``'s parameters by full-batch GD or mini-batch SGD with optax.
 
-    Models with batch norm (``apply_fn.batch_stats`` is not ``None``, e.g. the wide ResNets of
-    :mod:`ntk_tutorial.models`) train in training mode, normalising with each batch's statistics
-    and updating the running ones; the result's ``apply_fn`` holds the final statistics.
+    Models with batch norm (a :class:`~ntk_tutorial.models.Model` with ``state``, e.g. the wide
+    ResNets of :mod:`ntk_tutorial.models`) train in training mode, normalising with each batch's
+    statistics and updating the running ones; the result's ``state`` holds the final statistics.
 
     Args:
       apply_fn, params: the model (``apply_fn(params, x) -> (n, k)``) and its start point.
+      state: the batch-norm running statistics of a :class:`~ntk_tutorial.models.Model`
+        (``models.split``); ``None`` for a network without.
       x, y: training inputs and targets (int labels or ``(n, k)`` arrays).
       lr: learning rate.
       steps / epochs: how long; give one.  An epoch is ``ceil(n / batch_size)`` steps.
@@ -169,12 +169,19 @@ def train(
         the steps of this call.
       recompute_stats: batch-norm models only: after the last step, replace the running
         statistics by the statistics of the training inputs under the final parameters
-        (:meth:`~ntk_tutorial.models.FunctionalModel.population_stats`, in batches of
+        (:meth:`~ntk_tutorial.models.Model.population_stats`, in batches of
         ``batch_size``), so that the network in evaluation mode is the one training fitted.
     """
+    from .models import Model, call, eval_fn
+
     x = jnp.asarray(x)
     n = x.shape[0]
-    k = jax.eval_shape(apply_fn, params, x[:1]).shape[-1]
+    stats = state  # batch-norm running statistics, if any
+    bn = stats is not None
+    if bn and not isinstance(apply_fn, Model):
+        raise ValueError("state= is for networks with batch norm (apply_fn, params, state = "
+                         "models.split(nnx_model)); a plain apply_fn(params, x) has no state")
+    k = jax.eval_shape(lambda p, xb: call(apply_fn, p, xb, stats), params, x[:1]).shape[-1]
     targets = _targets(y, k, loss)
     if targets.shape[0] != n:
         raise ValueError(f"x has {n} examples but y has {targets.shape[0]}")
@@ -188,11 +195,9 @@ def train(
         raise ValueError("give exactly one of steps= or epochs=")
     total = int(steps if steps is not None else epochs * steps_per_epoch)
 
-    stats = getattr(apply_fn, "batch_stats", None)  # batch-norm running statistics, if any
-    bn = stats is not None
     if lr_schedule not in LR_SCHEDULES:
         raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
-    step_fn, opt = _step_fn(apply_fn.template if bn else apply_fn, loss, float(lr), float(momentum),
+    step_fn, opt = _step_fn(apply_fn, loss, float(lr), float(momentum),
                             float(weight_decay), bool(dropout), bn, lr_schedule,
                             total if lr_schedule != "constant" else 1)
     opt_state = opt.init(params)
@@ -205,13 +210,12 @@ def train(
     if isinstance(record_kernel, str) and record_kernel not in _KERNEL_FNS:
         raise ValueError(f"record_kernel must be one of {sorted(_KERNEL_FNS)} or a callable")
     preds, kerns = [], []
-    from .models import eval_fn
 
     def record(p):
-        current = apply_fn.with_batch_stats(stats) if bn else apply_fn
-        preds.append(np.asarray(eval_fn(current)(p, rec_x)))
+        preds.append(np.asarray(eval_fn(apply_fn)(p, rec_x, stats)))
         if kernel_fn is not None:
-            kerns.append(np.asarray(kernel_fn(current, p, rec_x)))
+            kerns.append(np.asarray(kernel_fn(apply_fn, p, rec_x) if stats is None
+                                    else kernel_fn(apply_fn, p, rec_x, state=stats)))
 
     if 0 in rec_steps:
         record(params)
@@ -248,7 +252,7 @@ def train(
             break
     losses = np.asarray(jnp.stack(losses)) if losses else np.zeros(0)
     if recompute_stats and bn:
-        stats = apply_fn.with_batch_stats(stats).population_stats(params, x, batch_size)
+        stats = apply_fn.population_stats(params, stats, x, batch_size)
     config = dict(lr=lr, steps=len(losses), stop_loss=stop_loss, loss=loss, batch_size=batch_size, momentum=momentum,
                   weight_decay=weight_decay, dropout=dropout, recompute_stats=recompute_stats,
                   lr_schedule=lr_schedule,
@@ -260,8 +264,7 @@ def train(
         predictions=np.stack(preds) if preds else None,
         kernels=np.stack(kerns) if kerns else None,
         config=config,
-        apply_fn=apply_fn.with_batch_stats(stats) if bn else apply_fn,
-        batch_stats=stats,
+        state=stats,
     )
 
 
@@ -270,6 +273,8 @@ def _step_fn(apply_fn: Callable, loss: str, lr: float, momentum: float, weight_d
              dropout: bool, bn: bool, lr_schedule: str = "constant", total: int = 1):
     """The jitted optimiser step for these settings, compiled once and reused by later calls
     (active learning trains the same network every cycle).  Returns ``(step_fn, optimizer)``."""
+    from .models import call
+
     per_example = loss_fn(loss)
     opt = optax.sgd(_schedule(lr, lr_schedule, total), momentum=momentum or None)
 
@@ -277,7 +282,7 @@ def _step_fn(apply_fn: Callable, loss: str, lr: float, momentum: float, weight_d
         if bn:
             out, bs = apply_fn.train_apply(p, bs, xb, dkey if dropout else None)
         else:
-            out = apply_fn(p, xb, dkey) if dropout else apply_fn(p, xb)
+            out = call(apply_fn, p, xb, None, dkey if dropout else None)
         value = per_example(out, tb).mean()
         if weight_decay:
             value = value + 0.5 * weight_decay * sum(jnp.sum(w**2) for w in jax.tree.leaves(p))
@@ -293,15 +298,16 @@ def _step_fn(apply_fn: Callable, loss: str, lr: float, momentum: float, weight_d
     return step_fn, opt
 
 
-def predict(apply_fn: Callable, params: Any, x: Array, *, batch_size: int = 4096) -> Array:
+def predict(apply_fn: Callable, params: Any, x: Array, *, state: Any = None, batch_size: int = 4096) -> Array:
     """Logits on ``x`` in batches (keeps memory bounded for large test sets)."""
     from .models import eval_fn
 
     x = jnp.asarray(x)
     f = eval_fn(apply_fn)
-    return jnp.concatenate([f(params, x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)])
+    return jnp.concatenate([f(params, x[i : i + batch_size], state)
+                            for i in range(0, x.shape[0], batch_size)])
 
 
-def accuracy(apply_fn: Callable, params: Any, x: Array, y: Array) -> float:
+def accuracy(apply_fn: Callable, params: Any, x: Array, y: Array, *, state: Any = None) -> float:
     """Fraction of ``x`` whose argmax logit equals the int label ``y``."""
-    return float(jnp.mean(jnp.argmax(predict(apply_fn, params, x), -1) == jnp.asarray(y)))
+    return float(jnp.mean(jnp.argmax(predict(apply_fn, params, x, state=state), -1) == jnp.asarray(y)))

@@ -252,8 +252,8 @@ def test_sequential_mode_is_the_released_selection(tmp_path, strategy, digits):
     assert cfg.relative_to == "proxy"
     rec = R.run_experiment(cfg, tmp_path)[0]
     ds = R.load_data(cfg)
-    apply_fn, params = R.build_model(cfg, 64, 10)
-    params, _ = R._load_params(R._params_path(R.results_path(tmp_path, cfg), 0), R._state(apply_fn, params))
+    apply_fn, params, state = R.build_model(cfg, 64, 10)
+    params, _ = R._load_params(R._params_path(R.results_path(tmp_path, cfg), 0), R._saved(params, state))
     lab = np.asarray(rec["labelled"])
     rng = np.random.default_rng([cfg.seed, 0, 0x5B])
     cand = np.sort(rng.choice(np.setdiff1d(np.arange(len(ds.x_train)), lab), cfg.subset, replace=False))
@@ -309,11 +309,11 @@ def test_presets_keep_paper_numbers_and_build_the_paper_models():
     # "one- or two-layer WideResNet with maximum width 640": the released structure's widest stage
     for name, stages, image in (("mnist", 1, (28, 28, 1)), ("svhn", 1, (32, 32, 3)), ("cifar10", 2, (32, 32, 3))):
         cfg = R.config_from_preset(name)
-        apply_fn, params = R.build_model(cfg, int(np.prod(image)), 10, image)
-        model = nnx.merge(apply_fn.graphdef, apply_fn.state, apply_fn.rest)
+        apply_fn, params, state = R.build_model(cfg, int(np.prod(image)), 10, image)
+        model = nnx.merge(apply_fn.graphdef, apply_fn.params_template, apply_fn.state_template)
         assert isinstance(model, models.LookaheadWRN) and model.stages == stages
         assert params["head"]["kernel"].shape == (640, 10) and params["stem"]["kernel"].shape[-1] == 16 * cfg.widen
-        assert apply_fn.batch_stats is not None  # batch norm: statistics travel beside the params
+        assert state is not None and apply_fn.stateful  # batch norm: statistics travel beside the params
     for name in R.PRESETS:  # every setting of a paper preset says where it comes from
         rows = R.describe_preset(name)
         if name in ("mnist", "svhn", "cifar10", "cifar100", "cpu-mnist-5k"):

@@ -48,6 +48,8 @@ def test_the_neural_tangents_side_rebuilds_the_same_network():
     import jax
     import numpy as np
 
+    from ntk_tutorial import models
+
     sys.path.insert(0, str(BENCH))
     try:
         import conv_kernels as ck
@@ -59,19 +61,17 @@ def test_the_neural_tangents_side_rebuilds_the_same_network():
     spec.loader.exec_module(ref)
     with jax.enable_x64(True):
         for name in ("cnn", "wrn-10-2"):
-            apply_fn, params, shape, _ = ck.build(name)
+            apply_fn, params, stats, shape, _ = ck.build(name)
             cast = lambda tree: jax.tree.map(lambda a: np.asarray(a, np.float64), tree)  # noqa: E731
             params = cast(params)
-            stats = getattr(apply_fn, "batch_stats", None)
             if stats is not None:
                 # statistics away from (0, 1), so that a wrong mean/variance mapping shows
                 stats = jax.tree.map(lambda a: np.asarray(a, np.float64) + 0.3, stats)
-                apply_fn = apply_fn.with_batch_stats(stats)
             strides = [] if name == "cnn" else [int(b.conv1.strides[0]) for b in ck._model(name)[0].layers]
             tree = ref._unflatten({k[len("param/"):]: v for k, v in ck._flat(params, "param/").items()})
             stat_tree = ref._unflatten({k[len("stat/"):]: v for k, v in ck._flat(stats, "stat/").items()}) \
                 if stats is not None else {}
             f = ref._network("cnn" if name == "cnn" else "wrn", shape, stat_tree, strides)
             x = np.asarray(jax.random.normal(jax.random.key(5), (3, int(np.prod(shape))), dtype=np.float64))
-            want = np.asarray(apply_fn(params, x))
+            want = np.asarray(models.call(apply_fn, params, x, stats))
             np.testing.assert_allclose(np.asarray(f(tree, x)), want, rtol=1e-10, atol=1e-12, err_msg=name)

@@ -386,8 +386,8 @@ def test_sequential_querying_never_picks_copies(tmp_path):
     cand = np.sort(rng2.choice(np.setdiff1d(np.arange(len(x)), labelled), cfg.subset, replace=False))
     x[cand[:12]] = x[labelled[np.arange(12) % len(labelled)]]  # 12 candidates copy labelled points
     fake = data.Dataset("digits", x, ds.y_train, ds.x_test, ds.y_test, 10, ds.class_names, "", 0)
-    apply_fn, params = R.build_model(cfg, 64, 10)
-    queried, _, _ = R._sequential_query(apply_fn, params, cfg, fake, labelled, cand, jax.random.key(0))
+    apply_fn, params, state = R.build_model(cfg, 64, 10)
+    queried, _, _ = R._sequential_query(apply_fn, params, state, cfg, fake, labelled, cand, jax.random.key(0))
     assert not set(queried.tolist()) & set(cand[:12].tolist())
 
 
@@ -499,7 +499,7 @@ _PEAK_CHILD = textwrap.dedent("""
         ds = data.Dataset("fake", x, y, x[:10], y[:10], 10, tuple("0123456789"), "", 0)
         cfg = R.config_from_preset(None, strategy="mlmoc-flips", mode="sequential", init=n, query=3, subset=m,
                                    kernel=spec["kernel"], hidden=tuple(spec["widths"][1:-1]))
-        run = lambda: R._sequential_query(apply_fn, params, cfg, ds, np.arange(n), np.arange(n, n + m),
+        run = lambda: R._sequential_query(apply_fn, params, None, cfg, ds, np.arange(n), np.arange(n, n + m),
                                           jax.random.key(0))
         estimate = S.lookahead_memory(apply_fn, params, n, m, (64,), np.float32, 10, kernel=spec["kernel"],
                                       sequential=True)
@@ -619,10 +619,12 @@ def test_the_cpu_preset_with_the_entk_is_refused_before_training(tmp_path, monke
     """cpu-mnist-5k with --kernel entk would need ~30 GB and be killed after hours of training;
     on a 16 GiB budget it is refused at once, before the first cycle."""
     cfg = R.config_from_preset("cpu-mnist-5k", strategy="mlmoc-flips", kernel="entk", seed=0)
-    apply_fn, params = R.build_model(cfg, 784, 10, (28, 28, 1))
-    need = S.lookahead_memory(apply_fn, params, cfg.init, cfg.subset, (784,), np.float32, 10, kernel="entk")
+    apply_fn, params, state = R.build_model(cfg, 784, 10, (28, 28, 1))
+    need = S.lookahead_memory(apply_fn, params, cfg.init, cfg.subset, (784,), np.float32, 10, kernel="entk",
+                              state=state)
     assert need > 20 * 2**30  # the 7.3 GB float32 eNTK, its 14.7 GB float64 copy, the algebra
     monkeypatch.setenv(kernels.MEMORY_ENV, str(16 * 2**30))
     with pytest.raises(kernels.KernelTooLargeError, match=r"look-ahead query round.*--kernel pntk"):
-        R.check_experiment_memory(cfg, apply_fn, params, (784,), np.float32, 10, 4000)
-    R.check_experiment_memory(R.replace(cfg, kernel="pntk"), apply_fn, params, (784,), np.float32, 10, 4000)
+        R.check_experiment_memory(cfg, apply_fn, params, (784,), np.float32, 10, 4000, state=state)
+    R.check_experiment_memory(R.replace(cfg, kernel="pntk"), apply_fn, params, (784,), np.float32, 10, 4000,
+                              state=state)

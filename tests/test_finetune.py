@@ -64,14 +64,17 @@ def test_backbone_head_is_one_mlp_for_the_kernels():
     apply_fn, params = finetune.mlp_backbone_head(6, 16, 3, key=jax.random.key(0))
     params = jax.tree.map(lambda a: a.astype(jnp.float64), params)
     x = jax.random.normal(jax.random.key(1), (5, 6), dtype=jnp.float64)
-    assert apply_fn(params, x).shape == (5, 3) and apply_fn.is_dense
+    assert apply_fn(params, x).shape == (5, 3) and isinstance(apply_fn, kernels.DenseMLP)
     ref = reference_entk(apply_fn, params, x)
     assert rel_err(kernels.entk(apply_fn, params, x, method="dense"), ref) < 1e-10
     assert rel_err(kernels.pntk(apply_fn, params, x), ref.sum((2, 3)) / 3) < 1e-10
     new_fn, new_params = finetune.with_new_head(apply_fn, params, 4, key=jax.random.key(2))
     assert new_fn(new_params, x).shape == (5, 4)
-    np.testing.assert_array_equal(new_fn.features(new_params["backbone"], x),
-                                  apply_fn.features(params["backbone"], x))
+    np.testing.assert_array_equal(new_fn.backbone_features(new_params["backbone"], x),
+                                  apply_fn.backbone_features(params["backbone"], x))
+    # a linear head: the penultimate features of the whole are the backbone's features
+    np.testing.assert_allclose(apply_fn.features(params, x), apply_fn.backbone_features(params["backbone"], x),
+                               rtol=1e-12)
     rich_fn, rich = finetune.with_new_head(apply_fn, params, 4, key=jax.random.key(2), hidden=8)
     assert rich_fn(rich, x).shape == (5, 4)
 

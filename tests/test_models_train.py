@@ -26,7 +26,7 @@ def test_functional_round_trip_and_dense_description():
     apply_fn, params = models.functional(model)
     x = jnp.ones((4, 6))
     np.testing.assert_allclose(apply_fn(params, x), model(x), rtol=1e-6)
-    (w, b, cw, cb), _ = apply_fn.dense_layers(params)
+    (w, b, cw, cb), _ = apply_fn.layers(params)
     assert w.shape == (6, 5) and cw == pytest.approx(1.7 / np.sqrt(6)) and cb == pytest.approx(0.3)
     assert models.num_params(params) == 6 * 5 + 5 + 5 * 2 + 2
     # same architecture, another seed: equal functional models (compiled code is reused)

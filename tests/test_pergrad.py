@@ -1,4 +1,4 @@
-"""Per-example gradients from one batched backward pass (``ntk_tutorial.pergrad``, issue 17).
+"""Per-example gradients from one batched backward pass (``ntk_tutorial.kernels.pergrad``, issue 17).
 
 The reference is independent of the module: ``vmap`` of ``jax.grad`` of each example's own
 output, the textbook definition."""
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ntk_tutorial import models, pergrad
-from ntk_tutorial.models import StatsApply
+from ntk_tutorial import models
+from ntk_tutorial.kernels import pergrad
 
 
 def _rngs(seed=0):
@@ -30,13 +30,12 @@ def _model(name):
 
 
 def _fn_aux(name):
-    apply_fn, params = models.functional(_model(name))
-    stats = getattr(apply_fn, "batch_stats", None)
+    apply_fn, params, stats = models.split(_model(name))
     if stats is None:
         return apply_fn, params, None
     # perturbed running statistics, so that the batch-norm scale and shift matter
     stats = jax.tree.map(lambda s: s + 0.3 * jnp.abs(jax.random.normal(jax.random.key(3), s.shape)), stats)
-    return StatsApply(apply_fn.template), params, stats
+    return apply_fn, params, stats
 
 
 def _reference(fn, params, x, aux, cot):

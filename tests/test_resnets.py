@@ -45,26 +45,32 @@ def test_parameter_counts_match_the_published_architectures():
 def test_bad_shapes_are_explained():
     with pytest.raises(ValueError, match="image_shape"):
         models.WideResNet((32, 32), 10, rngs=rngs())
-    apply_fn, params = models.functional(small_wrn())
+    apply_fn, params, state = models.split(small_wrn())
     with pytest.raises(ValueError, match="expects images"):
-        apply_fn(params, jnp.zeros((2, 5, 5, 3)))
+        apply_fn(params, jnp.zeros((2, 5, 5, 3)), state)
+    # a network with batch norm needs its state, and says how to get it
+    with pytest.raises(ValueError, match="pass its state"):
+        apply_fn(params, jnp.zeros((2, 8, 8, 3)))
+    with pytest.raises(ValueError, match="models.split"):
+        models.functional(small_wrn())
 
 
 def test_apply_fn_freezes_batch_norm_and_the_kernel_is_the_gradient_gram_matrix():
     model = small_wrn()
-    apply_fn, params = models.functional(model)
+    apply_fn, params, state = models.split(model)
     x = images(6)
     # frozen batch norm: each example's output does not depend on the rest of the batch
-    np.testing.assert_allclose(apply_fn(params, x)[:2], apply_fn(params, x[:2]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(apply_fn(params, x, state)[:2], apply_fn(params, x[:2], state), rtol=1e-5,
+                               atol=1e-6)
     # training mode normalises with the batch: it does
-    out_all, _ = apply_fn.train_apply(params, apply_fn.batch_stats, x)
-    out_two, _ = apply_fn.train_apply(params, apply_fn.batch_stats, x[:2])
+    out_all, _ = apply_fn.train_apply(params, state, x)
+    out_two, _ = apply_fn.train_apply(params, state, x[:2])
     assert np.abs(np.asarray(out_all[:2] - out_two)).max() > 1e-3
 
     # after training (non-trivial running statistics), the kernel of the trained network against
     # per-example gradients of sum_j f_j / sqrt(k) through a module trained with nnx's own API
     y = jnp.arange(6) % 4
-    res = train.train(apply_fn, params, x, y, lr=0.05, steps=2)
+    res = train.train(apply_fn, params, x, y, lr=0.05, steps=2, state=state)
     native = small_wrn()
 
     def loss(m):
@@ -84,32 +90,32 @@ def test_apply_fn_freezes_batch_norm_and_the_kernel_is_the_gradient_gram_matrix(
     grads = [ravel_pytree(nnx.to_pure_dict(nnx.state(
         nnx.merge(graphdef, grad(state, xi)), nnx.Param)))[0] for xi in x]
     g = np.stack([np.asarray(v) for v in grads])
-    np.testing.assert_allclose(kernels.pntk(res.apply_fn, res.params, x), g @ g.T, rtol=2e-4, atol=1e-4)
+    np.testing.assert_allclose(kernels.pntk(apply_fn, res.params, x, state=res.state), g @ g.T, rtol=2e-4,
+                               atol=1e-4)
 
 
 def test_one_step_updates_running_statistics_like_a_hand_computed_average():
     model = small_wrn()
-    apply_fn, params = models.functional(model)
+    apply_fn, params, state = models.split(model)
     x, y = images(16), jnp.arange(16) % 4
-    res = train.train(apply_fn, params, x, y, lr=0.1, steps=1)
+    res = train.train(apply_fn, params, x, y, lr=0.1, steps=1, state=state)
     # the first batch norm sees the stem's output: running mean <- 0.9 * 0 + 0.1 * batch mean
     stem = model.stem(x.reshape(16, 8, 8, 3))
     expected_mean = 0.1 * np.asarray(stem.mean(axis=(0, 1, 2)))
     expected_var = 0.9 * 1.0 + 0.1 * np.asarray(stem.var(axis=(0, 1, 2)))
-    got = res.batch_stats["layers"][0]["bn1"]
+    got = res.state["layers"][0]["bn1"]
     np.testing.assert_allclose(got["mean"], expected_mean, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(got["var"], expected_var, rtol=1e-4, atol=1e-6)
-    # the returned apply_fn carries them; the one passed in is unchanged
-    assert res.apply_fn.batch_stats is not None and res.apply_fn is not apply_fn
-    np.testing.assert_allclose(apply_fn.batch_stats["layers"][0]["bn1"]["mean"], 0.0)
+    # the state passed in is unchanged (plain data: training returns a new one)
+    np.testing.assert_allclose(state["layers"][0]["bn1"]["mean"], 0.0)
 
 
 def test_gradient_descent_matches_nnx_native_training():
     lr, steps = 0.05, 3
     x, y = images(12), jnp.arange(12) % 4
     targets = jax.nn.one_hot(y, 4)
-    apply_fn, params = models.functional(small_wrn(seed=3))
-    res = train.train(apply_fn, params, x, y, lr=lr, steps=steps)
+    apply_fn, params, state = models.split(small_wrn(seed=3))
+    res = train.train(apply_fn, params, x, y, lr=lr, steps=steps, state=state)
 
     model = small_wrn(seed=3)  # the same initialisation, trained with flax's own API
 
@@ -124,23 +130,26 @@ def test_gradient_descent_matches_nnx_native_training():
     ref_stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
     for a, b in zip(jax.tree.leaves(res.params), jax.tree.leaves(ref_params)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-    for a, b in zip(jax.tree.leaves(res.batch_stats), jax.tree.leaves(ref_stats)):
+    for a, b in zip(jax.tree.leaves(res.state), jax.tree.leaves(ref_stats)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(res.apply_fn(res.params, x), model(x), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(apply_fn(res.params, x, res.state), model(x), rtol=1e-4, atol=1e-5)
 
 
 def test_new_statistics_and_repeated_training_reuse_compiled_functions():
-    apply_fn, params = models.functional(small_wrn())
+    apply_fn, params, state = models.split(small_wrn())
     x, y = images(8), jnp.arange(8) % 4
-    first = train.train(apply_fn, params, x, y, lr=0.05, steps=2)
-    models.eval_fn(first.apply_fn)(first.params, x)
+    first = train.train(apply_fn, params, x, y, lr=0.05, steps=2, state=state)
+    models.eval_fn(apply_fn)(first.params, x, first.state)
     steps_before = train._step_fn.cache_info()
     evals_before = models._jit.cache_info()
-    kernels.pntk(first.apply_fn, first.params, x)
+    kernels.pntk(apply_fn, first.params, x, state=first.state)
     kernels_before = kernels._features_fn.cache_info()
-    second = train.train(first.apply_fn, first.params, x, y, lr=0.05, steps=2)  # new statistics
-    models.eval_fn(second.apply_fn)(second.params, x)
-    kernels.pntk(second.apply_fn, second.params, x)
+    # another network of the same architecture (a new seed), then new statistics
+    other, other_params, other_state = models.split(small_wrn(seed=7))
+    assert other == apply_fn and hash(other) == hash(apply_fn) and other is not apply_fn
+    second = train.train(other, other_params, x, y, lr=0.05, steps=2, state=other_state)
+    models.eval_fn(other)(second.params, x, second.state)
+    kernels.pntk(other, second.params, x, state=second.state)
     assert train._step_fn.cache_info().misses == steps_before.misses
     assert train._step_fn.cache_info().hits == steps_before.hits + 1
     assert models._jit.cache_info().misses == evals_before.misses
@@ -149,11 +158,11 @@ def test_new_statistics_and_repeated_training_reuse_compiled_functions():
 
 def test_penultimate_features_and_badge_embeddings_of_a_resnet():
     model = models.ResNet18((8, 8, 3), 4, width=4, rngs=rngs(2))
-    apply_fn, params = models.functional(model)
+    apply_fn, params, state = models.split(model)
     x = images(5)
-    h = S.penultimate_features(apply_fn, params, x)
+    h = S.penultimate_features(apply_fn, params, x, state)
     np.testing.assert_allclose(h, model.features(x), rtol=1e-4, atol=1e-5)
-    ctx = S.Context(apply_fn, params, x[:0], np.zeros(0, int), np.asarray(x), 4)
+    ctx = S.Context(apply_fn, params, x[:0], np.zeros(0, int), np.asarray(x), 4, state=state)
     emb = S.gradient_embeddings(ctx)
 
     # reference: gradient of the cross-entropy at the predicted label w.r.t. the readout weights
@@ -179,10 +188,10 @@ def test_al_runner_with_a_wide_resnet_resumes_exactly(tmp_path, strategy):
     for a, b in zip(whole, split):
         assert a["queried"] == b["queried"] and a["accuracy"] == pytest.approx(b["accuracy"], abs=1e-6)
     # each cycle's file holds the batch-norm statistics beside the parameters
-    apply_fn, params = R.build_model(cfg, 64, 10, (8, 8, 1))
+    apply_fn, params, state = R.build_model(cfg, 64, 10, (8, 8, 1))
     saved_params, saved_stats = R._load_params(tmp_path / "whole" / f"{strategy}_seed0.cycle001.npz",
-                                               R._state(apply_fn, params))
-    assert jax.tree.structure(saved_stats) == jax.tree.structure(apply_fn.batch_stats)
+                                               R._saved(params, state))
+    assert jax.tree.structure(saved_stats) == jax.tree.structure(state)
     assert np.abs(np.asarray(saved_stats["bn"]["mean"])).max() > 0  # trained, not the initial zeros
 
 
@@ -210,7 +219,7 @@ def released_wrn_parameters(stages, depth, k, c_in=1, classes=10):
 @pytest.mark.parametrize("stages,depth,k", [(1, 10, 1), (1, 10, 20), (2, 10, 10), (2, 16, 2), (3, 10, 1)])
 def test_lookahead_wrn_has_the_released_structure(stages, depth, k):
     model = models.LookaheadWRN((28, 28, 1), 10, stages=stages, depth=depth, widen=k, rngs=rngs())
-    _, params = models.functional(model)
+    _, params, _ = models.split(model)
     assert models.num_params(params) == released_wrn_parameters(stages, depth, k)
     assert params["head"]["kernel"].shape == ((32, 64, 128)[stages - 1] * k, 10)
     # stride 2 on the second conv of the first block of the later stages: 28 -> 14 -> 7
@@ -231,9 +240,9 @@ def test_population_stats_are_the_batch_statistics_of_the_inputs():
     """Recomputed running statistics equal the mean and (biased) variance of each batch norm's
     input over the training set, computed by hand from the module's own layers."""
     model = models.LookaheadWRN((8, 8, 1), 4, widen=1, rngs=rngs(3))
-    apply_fn, params = models.functional(model)
+    apply_fn, params, state = models.split(model)
     x = jax.random.normal(jax.random.key(1), (16, 64), jnp.float32)
-    stats = apply_fn.population_stats(params, x)
+    stats = apply_fn.population_stats(params, state, x)
     img = x.reshape(16, 8, 8, 1)
     h = model.stem(img)
     block = model.layers[0]
@@ -243,8 +252,8 @@ def test_population_stats_are_the_batch_statistics_of_the_inputs():
     out = block(h, True)
     np.testing.assert_allclose(stats["bn"]["mean"], out.mean((0, 1, 2)), rtol=1e-4, atol=1e-5)
     # averaged over batches: the mean of the batches' statistics
-    halves = [apply_fn.population_stats(params, x[:8]), apply_fn.population_stats(params, x[8:])]
-    both = apply_fn.population_stats(params, x, batch_size=8)
+    halves = [apply_fn.population_stats(params, state, x[:8]), apply_fn.population_stats(params, state, x[8:])]
+    both = apply_fn.population_stats(params, state, x, batch_size=8)
     np.testing.assert_allclose(both["bn"]["var"], (halves[0]["bn"]["var"] + halves[1]["bn"]["var"]) / 2, rtol=1e-5)
 
 
@@ -252,10 +261,11 @@ def test_training_with_recomputed_statistics_fits_in_evaluation_mode():
     """With recompute_stats the network in evaluation mode is the one training fitted: its
     training loss in evaluation mode equals the training-mode loss of the full batch."""
     model = models.LookaheadWRN((8, 8, 1), 4, widen=1, rngs=rngs(0))
-    apply_fn, params = models.functional(model)
+    apply_fn, params, state = models.split(model)
     x = jax.random.normal(jax.random.key(2), (24, 64))
     y = jnp.arange(24) % 4
-    res = train.train(apply_fn, params, x, y, lr=0.2, epochs=60, momentum=0.9, recompute_stats=True)
-    train_mode, _ = res.apply_fn.train_apply(res.params, res.batch_stats, x)
-    eval_mode = res.apply_fn(res.params, x)
+    res = train.train(apply_fn, params, x, y, lr=0.2, epochs=60, momentum=0.9, recompute_stats=True,
+                      state=state)
+    train_mode, _ = apply_fn.train_apply(res.params, res.state, x)
+    eval_mode = apply_fn(res.params, x, res.state)
     np.testing.assert_allclose(eval_mode, train_mode, rtol=1e-4, atol=1e-5)

@@ -543,7 +543,8 @@ def _params_path(jsonl: Path, cycle: int) -> Path:
 
 
 def build_model(config: ALConfig, in_dim: int, num_classes: int, image_shape=None):
-    """``(apply_fn, params)`` of the configured model, initialised from ``config.seed``.
+    """``(apply_fn, params, state)`` of the configured model, initialised from ``config.seed``
+    (``state``: the batch-norm running statistics, ``None`` without batch norm).
 
     Image models need ``image_shape`` ``(H, W, C)`` (the data set's ``image_shape``)."""
     from flax import nnx
@@ -553,8 +554,8 @@ def build_model(config: ALConfig, in_dim: int, num_classes: int, image_shape=Non
     key = jax.random.fold_in(jax.random.key(config.seed), 1)
     rngs = nnx.Rngs(params=key)
     if config.model == "mlp":
-        return models.functional(models.MLP((in_dim, *config.hidden, num_classes), dropout=config.dropout,
-                                            rngs=rngs))
+        return models.split(models.MLP((in_dim, *config.hidden, num_classes), dropout=config.dropout,
+                                       rngs=rngs))
     if image_shape is None:
         raise ValueError(f"model {config.model!r} takes images, but data set {config.dataset!r} has no "
                          "image_shape; use model='mlp' for vector data")
@@ -568,7 +569,7 @@ def build_model(config: ALConfig, in_dim: int, num_classes: int, image_shape=Non
     else:
         model = models.ResNet18(image_shape, num_classes, width=config.width, dropout=config.dropout,
                                 rngs=rngs)
-    return models.functional(model)
+    return models.split(model)
 
 
 def load_data(config: ALConfig):
@@ -587,10 +588,9 @@ def load_data(config: ALConfig):
             "files by hand where that error says") from err
 
 
-def _state(apply_fn, params) -> tuple:
+def _saved(params, state) -> tuple:
     """What a cycle saves: the parameters and the batch-norm statistics (``{}`` without)."""
-    stats = getattr(apply_fn, "batch_stats", None)
-    return (params, {} if stats is None else stats)
+    return (params, {} if state is None else state)
 
 
 def _save_params(path: Path, params: Any) -> None:
@@ -867,9 +867,8 @@ def _usable_records(path: Path, records: list[dict], template: Any) -> tuple[lis
 # ---------------------------------------------------------------------------------------------
 
 
-def _train(apply_fn, params, x, y, config: ALConfig, key):
-    """Train; returns ``(apply_fn, params)`` (``apply_fn`` changes for batch-norm models: it
-    carries the new running statistics)."""
+def _train(apply_fn, params, state, x, y, config: ALConfig, key):
+    """Train; returns ``(params, state)`` (the state: the new batch-norm running statistics)."""
     from ..train import train
 
     stochastic = config.batch_size is not None or config.dropout > 0
@@ -877,18 +876,18 @@ def _train(apply_fn, params, x, y, config: ALConfig, key):
     res = train(apply_fn, params, x, y, lr=config.lr, epochs=config.epochs, loss=config.loss,
                 batch_size=bs, momentum=config.momentum, weight_decay=config.weight_decay,
                 dropout=config.dropout > 0, key=key if stochastic else None,
-                recompute_stats=config.bn_stats == "recompute", lr_schedule=config.lr_schedule)
-    return res.apply_fn, res.params
+                recompute_stats=config.bn_stats == "recompute", lr_schedule=config.lr_schedule, state=state)
+    return res.params, res.state
 
 
-def _sequential_query(apply_fn, params, config, ds, labelled, cand, key, timings: dict | None = None):
+def _sequential_query(apply_fn, params, state, config, ds, labelled, cand, key, timings: dict | None = None):
     """Add ``config.query`` labels one (``step``) at a time through the proxy, as the released
     code's ``sequential_selection``: each pick is the top score on the current proxy, gets its
     true label, and the proxy's posterior over the candidates is conditioned on it
     (:func:`lookahead.condition`, no SGD); picked points stay in the set the change is summed
     over but are not picked again.  With ``retrain_every`` the network is retrained by SGD every
     that many labels and the kernel recomputed; by default SGD runs once per cycle.
-    Returns ``(queried train indices, apply_fn, params)``."""
+    Returns ``(queried train indices, params, state)``."""
     k = ds.num_classes
     kern = _s.KERNELS[config.kernel]
     eye = np.eye(k)
@@ -901,15 +900,15 @@ def _sequential_query(apply_fn, params, config, ds, labelled, cand, key, timings
         m = len(pool)
         # the kernel, its float64 copy and the M x M pool posterior, checked before allocating
         _s.check_lookahead_memory(apply_fn, params, len(lab), m, ds.x_train.shape[1:], ds.x_train.dtype, k,
-                                  kernel=config.kernel, sequential=True)
+                                  kernel=config.kernel, sequential=True, state=state)
         # exact copies of labelled points (picked ones included) teach nothing: never picked
         known = _s.copies_of(ds.x_train[pool], ds.x_train[lab])
         x_all = jnp.asarray(np.concatenate([ds.x_train[lab], ds.x_train[pool]]))
         start = time.perf_counter()
-        k_all = np.asarray(kern(apply_fn, params, x_all), np.float64)
+        k_all = np.asarray(kern(apply_fn, params, x_all, state=state), np.float64)
         if timings is not None:
             timings["kernel_s"] = timings.get("kernel_s", 0.0) + time.perf_counter() - start
-        f_all = _s._logits(apply_fn, params, x_all)
+        f_all = _s._logits(apply_fn, params, x_all, state)
         n = len(lab)
         proxy = lookahead.fit_proxy(k_all[:n, :n], eye[ds.y_train[lab]], f_all[:n], ridge=config.ridge)
         post = lookahead.pool_posterior(proxy, k_all[n:, :n], k_all[n:, n:], f_all[n:])
@@ -931,14 +930,14 @@ def _sequential_query(apply_fn, params, config, ds, labelled, cand, key, timings
         queried += [int(pool[i]) for i in picked]
         if len(queried) < config.query:  # SGD retraining every retrain_every labels
             lab2 = np.asarray(list(labelled) + queried)
-            apply_fn, params = _train(apply_fn, params, ds.x_train[lab2], ds.y_train[lab2], config,
-                                      jax.random.fold_in(key, 10_000 + n_retrain))
+            params, state = _train(apply_fn, params, state, ds.x_train[lab2], ds.y_train[lab2], config,
+                                   jax.random.fold_in(key, 10_000 + n_retrain))
             n_retrain += 1
-    return np.asarray(queried, np.int64), apply_fn, params
+    return np.asarray(queried, np.int64), params, state
 
 
 def check_experiment_memory(config: ALConfig, apply_fn, params, x_shape, x_dtype, num_classes: int,
-                            n_pool: int, first_cycle: int = 0) -> None:
+                            n_pool: int, first_cycle: int = 0, state: Any = None) -> None:
     """Refuse, before anything is trained, a look-ahead experiment whose largest query round would
     not fit in memory (:func:`strategies.check_lookahead_memory`): the first remaining cycle (the
     most candidates) and the last (the most labels)."""
@@ -949,7 +948,7 @@ def check_experiment_memory(config: ALConfig, apply_fn, params, x_shape, x_dtype
         m = min(config.subset, max(n_pool - n, 0))
         if m:
             _s.check_lookahead_memory(apply_fn, params, n, m, x_shape, x_dtype, num_classes, kernel=config.kernel,
-                                      proxy=config.proxy, sequential=config.mode != "batch")
+                                      proxy=config.proxy, sequential=config.mode != "batch", state=state)
 
 
 def run_experiment(config: ALConfig | dict, out_dir: str | os.PathLike, *,
@@ -987,19 +986,18 @@ def _run_locked(config: ALConfig, path: Path, progress) -> list[dict]:
     n_pool = len(ds.x_train)
     if config.init > n_pool:
         raise ConfigError("init", f"({config.init}) exceeds the {n_pool} training points of {config.dataset!r}")
-    apply_fn, params = build_model(config, int(np.prod(ds.x_train.shape[1:])), ds.num_classes,
-                                   getattr(ds, "image_shape", None))
+    apply_fn, params, state = build_model(config, int(np.prod(ds.x_train.shape[1:])), ds.num_classes,
+                                          getattr(ds, "image_shape", None))
     check_experiment_memory(config, apply_fn, params, ds.x_train.shape[1:], ds.x_train.dtype, ds.num_classes,
-                            n_pool, len(records))
+                            n_pool, len(records), state=state)
     base_key = jax.random.key(config.seed)
     if records:
-        records, state = _usable_records(path, records, _state(apply_fn, params))
+        records, saved = _usable_records(path, records, _saved(params, state))
     if records:
         last = records[-1]
         labelled = [int(i) for i in last["labelled"]] + [int(i) for i in last["queried"]]
-        params, stats = state
-        if stats:
-            apply_fn = apply_fn.with_batch_stats(stats)
+        params, stats = saved
+        state = stats if stats else None
     else:
         rng = np.random.default_rng([config.seed, 0xA1])
         labelled = [int(i) for i in rng.choice(n_pool, config.init, replace=False)]
@@ -1008,13 +1006,13 @@ def _run_locked(config: ALConfig, path: Path, progress) -> list[dict]:
         t0 = time.perf_counter()
         ckey = jax.random.fold_in(base_key, cycle)
         lab = np.asarray(labelled, np.int64)
-        apply_fn, params = _train(apply_fn, params, ds.x_train[lab], ds.y_train[lab], config,
-                                  jax.random.fold_in(ckey, 0))
+        params, state = _train(apply_fn, params, state, ds.x_train[lab], ds.y_train[lab], config,
+                               jax.random.fold_in(ckey, 0))
         jax.block_until_ready(params)
         t1 = time.perf_counter()
         from ..train import accuracy
 
-        acc = accuracy(apply_fn, params, ds.x_test, ds.y_test)
+        acc = accuracy(apply_fn, params, ds.x_test, ds.y_test, state=state)
         t2 = time.perf_counter()
         unl = np.setdiff1d(np.arange(n_pool), lab)
         rng = np.random.default_rng([config.seed, cycle, 0x5B])
@@ -1024,14 +1022,15 @@ def _run_locked(config: ALConfig, path: Path, progress) -> list[dict]:
             ctx = _s.Context(apply_fn, params, ds.x_train[lab], ds.y_train[lab], ds.x_train[cand],
                              ds.num_classes, kernel=config.kernel, ridge=config.ridge,
                              mc_samples=config.mc_samples, relative_to=config.relative_to,
-                             proxy=config.proxy, probabilities=config.probabilities, lr=config.lr)
+                             proxy=config.proxy, probabilities=config.probabilities, lr=config.lr,
+                             state=state)
             queried = cand[_s.select(config.strategy, ctx, budget, jax.random.fold_in(ckey, 1))]
             kernel_s = ctx.timings.get("kernel_s", 0.0)
         else:
             step_cfg = replace(config, step=1) if config.mode == "sequential" else config
             timings: dict = {}
-            queried, apply_fn, params = _sequential_query(apply_fn, params, step_cfg, ds, lab, cand,
-                                                          jax.random.fold_in(ckey, 1), timings)
+            queried, params, state = _sequential_query(apply_fn, params, state, step_cfg, ds, lab, cand,
+                                                       jax.random.fold_in(ckey, 1), timings)
             kernel_s = timings.get("kernel_s", 0.0)
         t3 = time.perf_counter()
         rec = {
@@ -1049,7 +1048,7 @@ def _run_locked(config: ALConfig, path: Path, progress) -> list[dict]:
         }
         # parameters first, then the line: a line on disk always has its parameters
         # (in sequential mode with retraining, the warm start is the last retrained network)
-        _save_params(_params_path(path, cycle), _state(apply_fn, params))
+        _save_params(_params_path(path, cycle), _saved(params, state))
         with open(path, "a") as fh:
             fh.write(json.dumps(rec) + "\n")
             fh.flush()

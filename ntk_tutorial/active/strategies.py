@@ -57,7 +57,7 @@ import numpy as np
 from .. import kernels as _kernels
 from .. import lookahead
 from ..data import one_hot
-from ..models import eval_fn
+from ..models import Model, call, eval_fn, has_features
 
 KERNELS: dict[str, Callable] = {
     "pntk": _kernels.pntk,
@@ -89,6 +89,7 @@ class Context:
       proxy: the approximation of retraining, one of :data:`PROXIES`.
       probabilities: ``"softmax"`` or ``"simplex"`` (see the module docstring).
       lr: step of the ``"one-step-sgd"`` proxy.
+      state: the network's batch-norm running statistics (``None`` without batch norm).
     """
 
     apply_fn: Any
@@ -106,6 +107,7 @@ class Context:
     proxy: str = "linearised"
     probabilities: str = "softmax"
     lr: float = 1.0
+    state: Any = None
     cache: dict = field(default_factory=dict, repr=False)
     timings: dict = field(default_factory=dict, repr=False)  # seconds spent on kernels ("kernel_s")
 
@@ -115,9 +117,9 @@ class Context:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.logits is None:
-            self.logits = _logits(self.apply_fn, self.params, self.x_pool)
+            self.logits = _logits(self.apply_fn, self.params, self.x_pool, self.state)
         if self.labelled_logits is None:
-            self.labelled_logits = _logits(self.apply_fn, self.params, self.x_labelled)
+            self.labelled_logits = _logits(self.apply_fn, self.params, self.x_labelled, self.state)
         self.logits = np.asarray(self.logits, np.float64)
         self.labelled_logits = np.asarray(self.labelled_logits, np.float64)
         self.y_labelled = np.asarray(self.y_labelled, np.int64)
@@ -139,7 +141,7 @@ EVAL_BATCH = 1024
 
 
 def _eval_batch(apply_fn) -> int | None:
-    return None if getattr(apply_fn, "is_dense", False) else EVAL_BATCH
+    return None if isinstance(apply_fn, _kernels.DenseMLP) else EVAL_BATCH
 
 
 def _batched(fn, x, batch: int | None = EVAL_BATCH) -> np.ndarray:
@@ -150,12 +152,13 @@ def _batched(fn, x, batch: int | None = EVAL_BATCH) -> np.ndarray:
                            for i in range(0, len(x), batch)])
 
 
-def _logits(apply_fn, params, x) -> np.ndarray:
+def _logits(apply_fn, params, x, state=None) -> np.ndarray:
     if len(x) == 0:
-        k = jax.eval_shape(apply_fn, params, jnp.zeros((1,) + tuple(np.shape(x)[1:]))).shape[-1]
+        k = jax.eval_shape(lambda p, xb: call(apply_fn, p, xb, state), params,
+                           jnp.zeros((1,) + tuple(np.shape(x)[1:]))).shape[-1]
         return np.zeros((0, k))
     f = eval_fn(apply_fn)
-    return _batched(lambda xb: f(params, xb), x, _eval_batch(apply_fn))
+    return _batched(lambda xb: f(params, xb, state), x, _eval_batch(apply_fn))
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -224,24 +227,24 @@ def top_b(scores: np.ndarray, budget: int, key: Any) -> np.ndarray:
     return order[:budget].astype(np.int64)
 
 
-def penultimate_features(apply_fn, params, x) -> np.ndarray:
+def penultimate_features(apply_fn, params, x, state=None) -> np.ndarray:
     """``(n, h)`` inputs of the readout layer (``h`` in the BADGE embedding, the core-set space).
 
-    Any :func:`ntk_tutorial.models.functional` model with a ``features`` method (MLP, CNN, the
-    wide ResNets, ResNet18; batch norm frozen)."""
-    if not getattr(apply_fn, "has_features", False):
+    Any model of :mod:`ntk_tutorial.models` with a ``features`` method (MLP, CNN, the wide
+    ResNets, ResNet18; batch norm frozen, with its ``state``)."""
+    if not has_features(apply_fn):
         raise NotImplementedError(
-            "penultimate features need a model from ntk_tutorial.models (functional(model) of an "
+            "penultimate features need a model from ntk_tutorial.models (models.split of an "
             "MLP, CNN, WideResNet or ResNet18); BADGE and core-set use them")
     f = eval_fn(apply_fn, "features")
-    return _batched(lambda xb: f(params, xb), x, _eval_batch(apply_fn))
+    return _batched(lambda xb: f(params, xb, state), x, _eval_batch(apply_fn))
 
 
 def gradient_embeddings(ctx: Context) -> np.ndarray:
     """BADGE embeddings: gradient of the cross-entropy at the predicted label w.r.t. the last
     layer's weights, ``w_scale (p - e_yhat) (x) h``, ``(m, k h)``."""
-    h = penultimate_features(ctx.apply_fn, ctx.params, ctx.x_pool)
-    scale = getattr(ctx.apply_fn, "readout_scale", 1.0)
+    h = penultimate_features(ctx.apply_fn, ctx.params, ctx.x_pool, ctx.state)
+    scale = ctx.apply_fn.readout_scale if isinstance(ctx.apply_fn, (Model, _kernels.DenseMLP)) else 1.0
     p = ctx.probs
     g = p - np.eye(p.shape[1])[np.argmax(p, axis=1)]
     return scale * (g[:, :, None] * h[:, None, :]).reshape(len(p), -1)
@@ -320,10 +323,10 @@ class Lookahead:
 def _mlp_architecture(ctx: Context) -> dict:
     """depth, activation, w_std, b_std of an NTK-parameterised MLP (for the infinite kernels)."""
     apply_fn = ctx.apply_fn
-    if not getattr(apply_fn, "is_dense", False):
+    if not isinstance(apply_fn, _kernels.DenseMLP):
         raise ValueError(f"proxy {ctx.proxy!r} uses the infinite-width kernel of the MLP "
                          "architecture: use model='mlp' (the infinite kernels of conv nets are not built in)")
-    layers = apply_fn.dense_layers(ctx.params)
+    layers = apply_fn.layers(ctx.params)
     w, _, cw, cb = layers[0]
     if cw == 1.0 and cb == 1.0:
         raise ValueError(f"proxy {ctx.proxy!r} needs an MLP in NTK parameterisation (the default)")
@@ -355,7 +358,7 @@ KERNEL_KINDS = {"pntk": "pntk", "entk": "entk", "trace": "trace"}
 
 def lookahead_memory(apply_fn: Any, params: Any, n: int, m: int, x_shape: tuple, x_dtype: Any,
                      num_classes: int, *, kernel: str = "pntk", proxy: str = "linearised",
-                     sequential: bool = False) -> int:
+                     sequential: bool = False, state: Any = None) -> int:
     """Estimated peak bytes of one look-ahead query round on ``n`` labelled points and ``m``
     candidates (per-example input shape ``x_shape``): the kernel on ``L u S`` (its route's peak,
     :func:`kernels.plan_kernel`), its float64 copy made while it is alive, then the float64 copy
@@ -373,7 +376,7 @@ def lookahead_memory(apply_fn: Any, params: Any, n: int, m: int, x_shape: tuple,
         kernel_peak = _kernels._INFINITE_PEAK * out64
     else:
         x = jax.ShapeDtypeStruct((max(total, 1),) + tuple(x_shape), x_dtype)
-        plan = _kernels.plan_kernel(KERNEL_KINDS[kernel], apply_fn, params, x)
+        plan = _kernels.plan_kernel(KERNEL_KINDS[kernel], apply_fn, params, x, state=state)
         kernel_peak, out = plan.peak_bytes, plan.output_bytes
         out64 = out * 8 // plan.itemsize
     size_n = n * (1 if scalar else k)
@@ -391,11 +394,11 @@ def lookahead_memory(apply_fn: Any, params: Any, n: int, m: int, x_shape: tuple,
 
 def check_lookahead_memory(apply_fn: Any, params: Any, n: int, m: int, x_shape: tuple, x_dtype: Any,
                            num_classes: int, *, kernel: str = "pntk", proxy: str = "linearised",
-                           sequential: bool = False) -> None:
+                           sequential: bool = False, state: Any = None) -> None:
     """Raise :class:`kernels.KernelTooLargeError` before a look-ahead round that would not fit
     (:func:`lookahead_memory`), saying what to change."""
     need = lookahead_memory(apply_fn, params, n, m, x_shape, x_dtype, num_classes, kernel=kernel,
-                            proxy=proxy, sequential=sequential)
+                            proxy=proxy, sequential=sequential, state=state)
     what = (f"a look-ahead query round ({'sequential, ' if sequential else ''}kernel {kernel!r}, "
             f"proxy {proxy!r}) on {n} labelled + {m} candidate points (the kernel, its float64 copy "
             "and the look-ahead algebra)")
@@ -443,14 +446,15 @@ def _lookahead_setup(ctx: Context) -> Lookahead:
     n = len(ctx.x_labelled)
     x_dtype = np.result_type(np.asarray(ctx.x_labelled).dtype, np.asarray(ctx.x_pool).dtype)
     check_lookahead_memory(ctx.apply_fn, ctx.params, n, len(ctx.x_pool), np.shape(ctx.x_pool)[1:], x_dtype,
-                           ctx.num_classes, kernel=ctx.kernel, proxy=ctx.proxy)
+                           ctx.num_classes, kernel=ctx.kernel, proxy=ctx.proxy, state=ctx.state)
     y_l = one_hot(ctx.y_labelled, ctx.num_classes).astype(np.float64)
     if ctx.proxy == "one-step-sgd":
-        k_ss = np.asarray(KERNELS[ctx.kernel](ctx.apply_fn, ctx.params, jnp.asarray(ctx.x_pool)), np.float64)
+        k_ss = np.asarray(KERNELS[ctx.kernel](ctx.apply_fn, ctx.params, jnp.asarray(ctx.x_pool), state=ctx.state),
+                          np.float64)
         return Lookahead(None, np.zeros((len(ctx.x_pool), 0)), k_ss, ctx.logits, ctx.logits, ctx.logits)
     x_all = jnp.asarray(np.concatenate([ctx.x_labelled, ctx.x_pool]))
     if ctx.proxy == "linearised":
-        k_all = np.asarray(KERNELS[ctx.kernel](ctx.apply_fn, ctx.params, x_all), np.float64)
+        k_all = np.asarray(KERNELS[ctx.kernel](ctx.apply_fn, ctx.params, x_all, state=ctx.state), np.float64)
         f_train, f_pool = ctx.labelled_logits, ctx.logits
     else:
         arch = _mlp_architecture(ctx)
@@ -553,7 +557,7 @@ def bald_scores(ctx: Context, key: Any) -> np.ndarray:
     if isinstance(key, (int, np.integer)):
         key = jax.random.key(int(key))
     f = eval_fn(ctx.apply_fn)
-    probs = np.stack([softmax(_batched(lambda xb: f(ctx.params, xb, jax.random.fold_in(key, t)), ctx.x_pool,
+    probs = np.stack([softmax(_batched(lambda xb: f(ctx.params, xb, ctx.state, jax.random.fold_in(key, t)), ctx.x_pool,
                                      _eval_batch(ctx.apply_fn)))
                       for t in range(int(ctx.mc_samples))])
     return entropy(probs.mean(0)) - entropy(probs).mean(0)
@@ -581,8 +585,8 @@ def badge_strategy(ctx: Context, budget: int, key: Any) -> np.ndarray:
 
 
 def coreset_strategy(ctx: Context, budget: int, key: Any) -> np.ndarray:
-    pool = penultimate_features(ctx.apply_fn, ctx.params, ctx.x_pool)
-    lab = penultimate_features(ctx.apply_fn, ctx.params, ctx.x_labelled)
+    pool = penultimate_features(ctx.apply_fn, ctx.params, ctx.x_pool, ctx.state)
+    lab = penultimate_features(ctx.apply_fn, ctx.params, ctx.x_labelled, ctx.state)
     return k_center_greedy(pool, lab, budget)
 
 

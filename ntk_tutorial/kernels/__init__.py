@@ -1,6 +1,9 @@
 """Empirical and infinite-width neural tangent kernels in plain JAX.
 
-One model interface: ``apply_fn(params, x) -> (n, k)`` logits, for any JAX function.
+One model interface: ``apply_fn(params, x) -> (n, k)`` logits, for any JAX function; a model
+with state (batch-norm statistics) is ``apply_fn(params, x, state)`` and every kernel takes
+``state=``, the way neural-tangents passes ``f(params, x, **kwargs)``: the state is data beside
+the parameters (not differentiated), so one compiled kernel serves every set of statistics.
 With ``J(x) = d f(x; params) / d params`` (a ``k x P`` matrix):
 
 * :func:`entk`   ``Theta(x, x') = J(x) J(x')^T``, shape ``(n1, n2, k, k)``;
@@ -15,11 +18,12 @@ Two exact routes compute the empirical kernels:
 
 * the *generic* route computes every per-example gradient once and contracts them in float32
   matrix products; it works for any model.  The gradients of a chunk of examples come from one
-  batched backward pass where :mod:`ntk_tutorial.pergrad` proves the examples independent (its
+  batched backward pass where :mod:`ntk_tutorial.kernels.pergrad` proves the examples independent (its
   convolution weight gradients are products of image patches with back-propagated vectors),
   else from ``vmap(grad)``.  When they do not fit the Jacobian budget they are written once to a
   scratch file and streamed against a resident block (the ``"stream"`` route);
-* the *dense* route, chosen automatically for :class:`ntk_tutorial.models.MLP`, never forms a
+* the *dense* route, chosen automatically when ``apply_fn`` is a :class:`DenseMLP` (what
+  :func:`ntk_tutorial.models.functional` returns for an MLP), never forms a
   ``P``-sized Jacobian.  For a dense layer ``z = a W c + b c_b`` the Jacobian with respect to
   ``W`` is ``c a (x) delta`` with ``delta = d f / d z``, so each layer contributes
   ``(c^2 <a(x), a(x')> + c_b^2) * <delta_i(x), delta_j(x')>``: a product of two Gram
@@ -57,7 +61,82 @@ import numpy as np
 from . import pergrad
 
 Array = jax.Array
-ApplyFn = Callable[[Any, Array], Array]
+ApplyFn = Callable[..., Array]  # apply_fn(params, x) or, with state, apply_fn(params, x, state)
+
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "relu": jax.nn.relu,
+    "erf": jax.scipy.special.erf,
+    "tanh": jnp.tanh,
+    "gelu": jax.nn.gelu,
+    "linear": lambda z: z,
+}
+
+
+def activation_fn(name: str) -> Callable[[Array], Array]:
+    """Look up an activation by name; unknown names list the available ones."""
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}"
+        ) from None
+
+
+@dataclass(frozen=True)
+class DenseMLP:
+    """The forward pass of a fully connected network as plain data: ``apply_fn(params, x)``.
+
+    Layer ``l`` computes ``z = a @ W_l * w_scale_l + b_l * b_scale_l`` with ``W_l, b_l =
+    params["layers"][l]["w"], params["layers"][l]["b"]``; every layer but the last is followed by
+    ``activation`` (and, when a ``dropout_key`` is passed, by dropout at rate ``dropout``).
+    Kernels of a ``DenseMLP`` take the dense route (Gram matrices, no Jacobian).  Two MLPs of the
+    same widths' scales and activation are equal, so compiled kernels and training steps are
+    shared by every seed.  :func:`ntk_tutorial.models.functional` of a
+    :class:`~ntk_tutorial.models.MLP` returns one.
+    """
+
+    activation: str
+    scales: tuple  # ((w_scale, b_scale), ...) per layer
+    dropout: float = 0.0
+
+    def layers(self, params: Any) -> list[tuple[Array, Array, float, float]]:
+        """``[(W, b, w_scale, b_scale), ...]``, one entry per layer."""
+        return [(params["layers"][i]["w"], params["layers"][i]["b"], cw, cb)
+                for i, (cw, cb) in enumerate(self.scales)]
+
+    @property
+    def readout_scale(self) -> float:
+        """The readout computes ``features @ W * readout_scale + ...``."""
+        return float(self.scales[-1][0])
+
+    def features(self, params: Any, x: Array, state: Any = None) -> Array:
+        """Penultimate features: the input of the readout layer (no dropout)."""
+        phi = activation_fn(self.activation)
+        a = x.reshape(x.shape[0], -1)
+        for w, b, cw, cb in self.layers(params)[:-1]:
+            a = phi((a @ w) * cw + b * cb)
+        return a
+
+    def __call__(self, params: Any, x: Array, dropout_key: Array | None = None) -> Array:
+        phi = activation_fn(self.activation)
+        layers = self.layers(params)
+        a = x.reshape(x.shape[0], -1)
+        for i, (w, b, cw, cb) in enumerate(layers):
+            a = (a @ w) * cw + b * cb
+            if i < len(layers) - 1:
+                a = phi(a)
+                if dropout_key is not None and self.dropout > 0:
+                    dropout_key, sub = jax.random.split(dropout_key)
+                    keep = jax.random.bernoulli(sub, 1.0 - self.dropout, a.shape)
+                    a = jnp.where(keep, a / (1.0 - self.dropout), 0.0)
+        return a
+
+
+def bind(apply_fn: ApplyFn, state: Any = None) -> Callable[[Any, Array], Array]:
+    """``(params, x) -> apply_fn(params, x[, state])``: the function whose kernel is taken."""
+    if state is None:
+        return apply_fn
+    return lambda params, x: apply_fn(params, x, state)
 
 KINDS = ("entk", "pntk", "trace", "single")
 MEMORY_ENV = "NTK_TUTORIAL_MAX_BYTES"
@@ -421,16 +500,16 @@ def _positive_int(name: str, value: Any) -> int:
     return int(value)
 
 
-def _output_shape(apply_fn: ApplyFn, params: Any, x: Any) -> Any:
+def _output_shape(apply_fn: ApplyFn, params: Any, x: Any, state: Any = None) -> Any:
     """``jax.eval_shape`` of one example, with a clear error when the model cannot take it."""
     one = jax.ShapeDtypeStruct((1,) + tuple(x.shape[1:]), x.dtype)
     try:
-        out = jax.eval_shape(apply_fn, params, one)
+        out = jax.eval_shape(bind(apply_fn, state), params, one)
     except Exception as err:  # noqa: BLE001 - models raise TypeError, ValueError, ...
         expected = ""
-        if getattr(apply_fn, "is_dense", False):
+        if isinstance(apply_fn, DenseMLP):
             try:
-                d_in = int(apply_fn.dense_layers(params)[0][0].shape[0])
+                d_in = int(apply_fn.layers(params)[0][0].shape[0])
                 expected = f"; this MLP takes {d_in} features per example"
             except Exception:  # noqa: BLE001
                 pass
@@ -452,20 +531,8 @@ def _output_shape(apply_fn: ApplyFn, params: Any, x: Any) -> Any:
 # ---------------------------------------------------------------------------------------------
 
 
-def _kernel_fn_and_aux(apply_fn: ApplyFn) -> tuple[Callable, Any]:
-    """``(function the blocks are compiled for, data passed beside the parameters)``: a
-    batch-norm model's running statistics travel as data (``models.StatsApply``), so one
-    compiled kernel serves the architecture whatever its statistics."""
-    stats = getattr(apply_fn, "batch_stats", None)
-    if stats is None:
-        return apply_fn, None
-    from .models import StatsApply
-
-    return StatsApply(apply_fn.template), stats
-
-
 def _single(apply_fn: ApplyFn) -> Callable[[Any, Array, Any], Array]:
-    # aux: batch-norm statistics for models.StatsApply, else None (not passed)
+    # aux: the model's state (batch-norm statistics) passed as data, else None (not passed)
     return lambda p, xi, aux: (apply_fn(p, xi[None]) if aux is None else apply_fn(p, xi[None], aux))[0]
 
 
@@ -473,7 +540,7 @@ def _single(apply_fn: ApplyFn) -> Callable[[Any, Array, Any], Array]:
 # cost more per gradient); fewer when one example's activations, patches and features are large.
 _GRADIENT_CHUNK = 64
 # How per-example gradients are computed on the Jacobian route: "auto" (one batched backward
-# pass, :mod:`ntk_tutorial.pergrad`, wherever it applies, else vmap(grad)), "structured" (the
+# pass, :mod:`ntk_tutorial.kernels.pergrad`, wherever it applies, else vmap(grad)), "structured" (the
 # same, but a model it does not apply to raises) or "vmap" (always vmap(grad); benchmarks
 # compare the two).
 GRADIENTS = "auto"
@@ -536,7 +603,7 @@ def _features_fn(apply_fn: ApplyFn, kind: str, gradients: str = "vmap") -> Calla
     """A jitted ``(params, x, aux) -> features`` with every leaf's gradient flattened into one
     axis: ``(c, P)`` for the pNTK and single-logit kernel (one gradient per example), ``(c, k, P)``
     for the eNTK and trace kernel (one per example and logit).  ``gradients="structured"``: all
-    examples' gradients from one batched backward pass (:mod:`ntk_tutorial.pergrad`); else
+    examples' gradients from one batched backward pass (:mod:`ntk_tutorial.kernels.pergrad`); else
     ``vmap`` of each example's own gradient."""
     if gradients == "structured":
         def features(p, x, aux):
@@ -624,10 +691,10 @@ def _contractor(kind: str) -> Callable:
     return lambda f1, f2: _contract(f1, f2, kind)
 
 
-def _feature_bytes(apply_fn: ApplyFn, params: Any, x: Array, kind: str) -> int:
+def _feature_bytes(apply_fn: ApplyFn, params: Any, x: Array, kind: str, state: Any = None) -> int:
     """Bytes of one example's features on the features route (``k`` gradients for the eNTK)."""
     n_params = sum(int(leaf.size) for leaf in jax.tree.leaves(params))
-    k = _output_shape(apply_fn, params, x).shape[-1]
+    k = _output_shape(apply_fn, params, x, state).shape[-1]
     return n_params * (k if kind in ("entk", "trace") else 1) * np.dtype(x.dtype).itemsize
 
 
@@ -675,9 +742,7 @@ def _contract(f1: Array, f2: Array, kind: str) -> Array:
 
 def _dense_feats(apply_fn: Any, p: Any, x: Array, kind: str):
     """Per-layer (activation into the layer, back-propagated vectors out of it, scales)."""
-    from .models import activation_fn
-
-    layers = apply_fn.dense_layers(p)
+    layers = apply_fn.layers(p)
     phi = activation_fn(apply_fn.activation)
     dphi = jax.grad(lambda z: phi(z).sum())
     a = x.reshape(x.shape[0], -1)
@@ -741,14 +806,16 @@ def _dense_block_fn(apply_fn: Any, kind: str) -> Callable:
 # ---------------------------------------------------------------------------------------------
 
 
-def _choose_method(apply_fn: Any, method: str) -> str:
+def _choose_method(apply_fn: Any, method: str, state: Any = None) -> str:
     if method not in ("auto", "dense", "jacobian"):
         raise ValueError(f"method must be 'auto', 'dense' or 'jacobian', got {method!r}")
-    dense_ok = bool(getattr(apply_fn, "is_dense", False))
+    dense_ok = isinstance(apply_fn, DenseMLP)
+    if dense_ok and state is not None:
+        raise ValueError("a DenseMLP has no state; call the kernel without state=")
     if method == "dense" and not dense_ok:
         raise ValueError(
-            "method='dense' needs an apply_fn that describes its dense layers "
-            "(ntk_tutorial.models.functional of an MLP); use method='jacobian' for other models"
+            "method='dense' needs an apply_fn that describes its dense layers (a kernels.DenseMLP: "
+            "models.functional of an MLP); use method='jacobian' for other models"
         )
     if method == "auto":
         return "dense" if dense_ok else "jacobian"
@@ -756,13 +823,13 @@ def _choose_method(apply_fn: Any, method: str) -> str:
 
 
 def _auto_batch_size(apply_fn: ApplyFn, params: Any, x: Array, kind: str, method: str,
-                     budget: int | None = None) -> int:
+                     budget: int | None = None, state: Any = None) -> int:
     """Examples per block of Jacobians on the generic route: the resident block and the one
     streamed against it fit the budget (:func:`_jacobian_budget`) together."""
     n = x.shape[0]
     if method == "dense":
         return n
-    per_example = _feature_bytes(apply_fn, params, x, kind) * 2
+    per_example = _feature_bytes(apply_fn, params, x, kind, state) * 2
     budget = _jacobian_budget() if budget is None else budget
     return int(max(1, min(n, budget // max(per_example, 1))))
 
@@ -778,7 +845,7 @@ def _dense_peak(apply_fn: Any, params: Any, n1: int, n2: int, k: int, kind: str,
     keep alive together (the eNTK's ``(n1, k, n2, k)`` Gram matrix of the back-propagated
     vectors per hidden layer plus two accumulators; two ``(n1, n2)`` matrices per layer
     otherwise), and the transposed result."""
-    layers = apply_fn.dense_layers(params)
+    layers = apply_fn.layers(params)
     kk = k if kind in ("entk", "trace") else 1
     width_in = sum(int(w.shape[0]) for w, *_ in layers)
     width_out = sum(int(w.shape[1]) for w, *_ in layers)
@@ -832,7 +899,7 @@ class KernelPlan:
       k: outputs of the network; itemsize: bytes per kernel entry.
       output_bytes: the kernel itself; peak_bytes: the estimated peak of the whole computation
         (output, intermediates, blocks in flight and copies), what the memory guard checks.
-      gradients: ``"structured"`` (one batched backward pass per chunk, :mod:`ntk_tutorial.pergrad`),
+      gradients: ``"structured"`` (one batched backward pass per chunk, :mod:`ntk_tutorial.kernels.pergrad`),
         ``"vmap"`` (``vmap`` of each example's gradient) or ``"dense"`` (Gram matrices, no
         per-example gradients); chunk: examples per gradient pass.
       points: distinct examples; gradient_evaluations: per-example gradient passes in all
@@ -917,18 +984,19 @@ def _pair_rows(n1: int, n2: int, b1: int, b2: int, symmetric: bool) -> tuple[int
 
 
 def _plan(kind: str, apply_fn: ApplyFn, params: Any, x1: Any, x2: Any, symmetric: bool,
-          batch_size: int | None, method: str, devices: list, out: Any, costs: bool = False) -> KernelPlan:
-    out_shape = _output_shape(apply_fn, params, x1)
+          batch_size: int | None, method: str, devices: list, out: Any, costs: bool = False,
+          state: Any = None) -> KernelPlan:
+    out_shape = _output_shape(apply_fn, params, x1, state)
     k = int(out_shape.shape[-1])
     n1, n2 = int(x1.shape[0]), int(x2.shape[0])
     itemsize = jnp.result_type(out_shape.dtype, x1.dtype).itemsize
-    method = _choose_method(apply_fn, method)
+    method = _choose_method(apply_fn, method, state)
     budget = _jacobian_budget() if method == "jacobian" else 0  # read once per plan
     given = batch_size is not None
     if given:
         batch_size = _positive_int("batch_size", batch_size)
     else:
-        batch_size = _auto_batch_size(apply_fn, params, x1, kind, method, budget)
+        batch_size = _auto_batch_size(apply_fn, params, x1, kind, method, budget, state)
         if out is not None:  # keep each block's output under 256 MiB: the kernel lives on disk
             per_row = kernel_nbytes(1, n2, k, kind, itemsize)
             batch_size = int(max(1, min(batch_size, (256 * 2**20) // per_row)))
@@ -942,7 +1010,7 @@ def _plan(kind: str, apply_fn: ApplyFn, params: Any, x1: Any, x2: Any, symmetric
     inputs = points * math.prod(x1.shape[1:]) * itemsize
 
     if method == "jacobian":
-        compiled_for, aux = _kernel_fn_and_aux(apply_fn)
+        compiled_for, aux = apply_fn, state
         chunk, gradients, transient = _chunk_size(compiled_for, params, x1, aux, kind, k, budget)
         f = n_params * kk * np.dtype(x1.dtype).itemsize  # one example's features (_feature_bytes)
         chunk_peak = chunk * transient * len(devices)  # one chunk per device in flight
@@ -994,7 +1062,7 @@ def _plan(kind: str, apply_fn: ApplyFn, params: Any, x1: Any, x2: Any, symmetric
 
 def plan_kernel(kind: str, apply_fn: ApplyFn, params: Any, x1: Any, x2: Any = None, *,
                 batch_size: int | None = None, method: str = "auto", devices: Any = None,
-                out: Any = None, costs: bool = True) -> KernelPlan:
+                out: Any = None, costs: bool = True, state: Any = None) -> KernelPlan:
     """The :class:`KernelPlan` of ``entk`` / ``pntk`` / ``trace_ntk`` / ``single_logit_ntk``
     (``kind``: ``"entk"``, ``"pntk"``, ``"trace"``, ``"single"``) with these arguments: the
     route, its blocks, gradient evaluations, bytes on disk, estimated peak memory and (with
@@ -1008,7 +1076,8 @@ def plan_kernel(kind: str, apply_fn: ApplyFn, params: Any, x1: Any, x2: Any = No
     devices = list(jax.devices() if devices is None else devices)
     if not devices:
         raise ValueError("devices must name at least one JAX device")
-    return _plan(kind, apply_fn, params, x1, x2, symmetric, batch_size, method, devices, out, costs=costs)
+    return _plan(kind, apply_fn, params, x1, x2, symmetric, batch_size, method, devices, out, costs=costs,
+                 state=state)
 
 
 def kernel_memory(kind: str, apply_fn: ApplyFn, params: Any, x1: Any, x2: Any = None, **options) -> int:
@@ -1104,6 +1173,7 @@ def _kernel(
     method: str,
     devices: Any = None,
     out: Any = None,
+    state: Any = None,
 ) -> Array:
     symmetric = x2 is None
     x1, x2 = _validate(x1, x2, working_dtype(params))
@@ -1111,7 +1181,7 @@ def _kernel(
     devices = list(jax.devices() if devices is None else devices)
     if not devices:
         raise ValueError("devices must name at least one JAX device")
-    plan = _plan(kind, apply_fn, params, x1, x2, symmetric, batch_size, method, devices, out)
+    plan = _plan(kind, apply_fn, params, x1, x2, symmetric, batch_size, method, devices, out, state=state)
     n1, n2, k, itemsize = x1.shape[0], x2.shape[0], plan.k, plan.itemsize
     # checked before anything is allocated
     if out is None:
@@ -1125,7 +1195,7 @@ def _kernel(
         folder = _scratch_folder(out)
         _check_scratch(folder, plan.scratch_bytes)
     batch_size = plan.batch_size
-    compiled_for, aux = _kernel_fn_and_aux(apply_fn) if plan.method == "jacobian" else (apply_fn, None)
+    compiled_for, aux = apply_fn, state
     if plan.route == "features":
         # every per-example gradient once, then one matrix product
         f1 = _all_features(compiled_for, kind, params, x1, aux, plan.chunk, plan.gradients, devices)
@@ -1163,8 +1233,9 @@ def _kernel(
 
 _DOC_ARGS = """
     Args:
-      apply_fn: ``apply_fn(params, x) -> (n, k)`` logits (any JAX function).
-      params: the parameter pytree ``apply_fn`` takes.
+      apply_fn: ``apply_fn(params, x) -> (n, k)`` logits (any JAX function), or
+        ``apply_fn(params, x, state)`` when ``state`` is given.
+      params: the parameter pytree ``apply_fn`` takes (what the kernel differentiates).
       x1: ``(n1, ...)`` inputs.
       x2: ``(n2, ...)`` inputs; ``None`` means ``x1`` (the symmetric kernel).
       batch_size: compute in blocks of this many examples (``None``: the whole set, or blocks that
@@ -1177,6 +1248,8 @@ _DOC_ARGS = """
       out: a path (``.npy``): write the kernel block by block into a memory-mapped file and
         return the ``numpy.memmap``; for kernels larger than memory (the guard then checks
         the disk instead).
+      state: data the model needs beside its parameters, not differentiated (batch-norm
+        running statistics of :func:`ntk_tutorial.models.split`); ``None`` for stateless models.
 
     Raises:
       ValueError: shape mismatch, NaN/inf in the inputs or parameters.
@@ -1185,35 +1258,35 @@ _DOC_ARGS = """
 
 
 def entk(apply_fn, params, x1, x2=None, *, batch_size=None, method="auto", devices=None,
-         out=None) -> Array:
+         out=None, state=None) -> Array:
     """Full empirical NTK ``Theta[a, b, i, j] = <d f_i(x1_a), d f_j(x2_b)>``, shape ``(n1, n2, k, k)``."""
-    return _kernel("entk", apply_fn, params, x1, x2, batch_size, method, devices, out)
+    return _kernel("entk", apply_fn, params, x1, x2, batch_size, method, devices, out, state)
 
 
 def pntk(apply_fn, params, x1, x2=None, *, batch_size=None, method="auto", devices=None,
-         out=None) -> Array:
+         out=None, state=None) -> Array:
     """Pseudo-NTK: the kernel of ``(1/sqrt(k)) sum_j f_j``, shape ``(n1, n2)``.
 
     Equals ``(1/k) sum_ij Theta_ij``
     (Eq. 2 of Mohamadi, Bae & Sutherland 2023), but is computed from one gradient per example,
     never through the full eNTK: ``k^2`` times less memory.
     """
-    return _kernel("pntk", apply_fn, params, x1, x2, batch_size, method, devices, out)
+    return _kernel("pntk", apply_fn, params, x1, x2, batch_size, method, devices, out, state)
 
 
 def trace_ntk(apply_fn, params, x1, x2=None, *, batch_size=None, method="auto", devices=None,
-              out=None) -> Array:
+              out=None, state=None) -> Array:
     """Trace kernel ``(1/k) sum_i Theta_ii``, shape ``(n1, n2)``.
 
     neural-tangents' default ``trace_axes=(-1,)`` returns the same (a mean, not a sum).
     """
-    return _kernel("trace", apply_fn, params, x1, x2, batch_size, method, devices, out)
+    return _kernel("trace", apply_fn, params, x1, x2, batch_size, method, devices, out, state)
 
 
 def single_logit_ntk(apply_fn, params, x1, x2=None, *, batch_size=None, method="auto", devices=None,
-                     out=None) -> Array:
+                     out=None, state=None) -> Array:
     """Single-logit kernel ``Theta_11 = <d f_1(x), d f_1(x')>``, shape ``(n1, n2)``."""
-    return _kernel("single", apply_fn, params, x1, x2, batch_size, method, devices, out)
+    return _kernel("single", apply_fn, params, x1, x2, batch_size, method, devices, out, state)
 
 
 for _fn in (entk, pntk, trace_ntk, single_logit_ntk):
