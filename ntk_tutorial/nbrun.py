@@ -13,7 +13,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -29,12 +31,17 @@ def use_inline_backend() -> None:
 
 def kernel_config(socket_dir: str | os.PathLike | None = None):
     """traitlets ``Config`` for the kernel manager: IPC transport in a private folder on POSIX,
-    the kernel's log at ERROR elsewhere (Windows has no Unix sockets)."""
+    the kernel's log at ERROR elsewhere (Windows has no Unix sockets).  A folder this function
+    makes itself (no ``socket_dir``) is removed when the process exits."""
     from traitlets.config import Config
 
     config = Config()
     if os.name == "posix":
-        folder = Path(socket_dir) if socket_dir else Path(tempfile.mkdtemp(prefix="ntk-tutorial-kernel-"))
+        if socket_dir:
+            folder = Path(socket_dir)
+        else:
+            folder = Path(tempfile.mkdtemp(prefix="ntk-tutorial-kernel-"))
+            atexit.register(shutil.rmtree, folder, ignore_errors=True)
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         config.KernelManager.transport = "ipc"
         config.KernelManager.ip = str(folder / "kernel")

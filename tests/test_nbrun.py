@@ -77,3 +77,22 @@ def test_progress_counts_code_cells_and_names_the_running_one():
     assert bar.bar.n == 2
     bar.close()
     assert "00_tiny" in stream.getvalue()
+
+
+@pytest.mark.skipif(os.name != "posix", reason="IPC sockets (and their folder) only on POSIX")
+def test_the_socket_folder_it_makes_is_removed_when_the_process_exits(tmp_path):
+    """Every notebook run made a private socket folder in the temporary directory and left it
+    behind (50 empty folders after a day of work); the folder goes when the process exits, and
+    a folder the caller names is the caller's to keep."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("from ntk_tutorial import nbrun; import sys; "
+            "print(nbrun.kernel_config().KernelManager.ip); "
+            "print(nbrun.kernel_config(sys.argv[1]).KernelManager.ip)")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "mine")], capture_output=True, text=True,
+                         check=True).stdout.split()
+    made, given = Path(out[0]).parent, Path(out[1]).parent
+    assert made.name.startswith("ntk-tutorial-kernel-") and not made.exists()
+    assert given == tmp_path / "mine" and given.is_dir()
