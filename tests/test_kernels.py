@@ -253,3 +253,27 @@ def test_the_stream_route_computes_each_gradient_once_and_equals_the_features_ro
     monkeypatch.setenv(kernels.SCRATCH_ENV, str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="NTK_TUTORIAL_SCRATCH"):
         kernels.entk(apply_fn, params, x)
+
+
+@pytest.mark.parametrize("kind", ["entk", "pntk", "trace"])
+def test_every_product_of_the_dense_route_asks_for_full_float32_precision(kind):
+    """On an accelerator a float32 product without a precision may run in TF32 (10-bit
+    mantissa); every dot of the dense route (forward pass, back-propagated vectors, Gram
+    matrices) says HIGHEST, so the kernel is float32 on any device."""
+    apply_fn, params = mlp((5, 8, 7, 3))
+    x = jnp.ones((4, 5))
+    jaxpr = jax.make_jaxpr(kernels._dense_block_fn(apply_fn, kind))(params, x, x)
+
+    def eqns(j):  # every equation, inside nested jitted calls too
+        for e in j.eqns:
+            yield e
+            for v in e.params.values():
+                inner = getattr(v, "jaxpr", None)
+                if inner is not None:
+                    yield from eqns(getattr(inner, "jaxpr", inner) if not hasattr(inner, "eqns") else inner)
+
+    found = [e for e in eqns(jaxpr.jaxpr) if e.primitive.name == "dot_general"]
+    assert len(found) >= 6
+    for e in found:
+        assert e.params["precision"] is not None and all(
+            p == jax.lax.Precision.HIGHEST for p in e.params["precision"]), e

@@ -749,7 +749,7 @@ def _dense_feats(apply_fn: Any, p: Any, x: Array, kind: str):
     acts, pres = [], []
     for i, (w, b, cw, cb) in enumerate(layers):
         acts.append(a)
-        z = (a @ w) * cw + b * cb
+        z = jnp.matmul(a, w, precision=_HIGHEST) * cw + b * cb
         pres.append(z)
         if i < len(layers) - 1:
             a = phi(z)
@@ -767,7 +767,7 @@ def _dense_feats(apply_fn: Any, p: Any, x: Array, kind: str):
         if i > 0:
             w, _, cw, _ = layers[i]
             gate = dphi(pres[i - 1])
-            delta = (delta @ w.T) * cw * (gate[:, None, :] if delta.ndim == 3 else gate)
+            delta = jnp.matmul(delta, w.T, precision=_HIGHEST) * cw * (gate[:, None, :] if delta.ndim == 3 else gate)
     scales = [(cw, cb) for (_, _, cw, cb) in layers]
     return acts, deltas, scales
 
@@ -781,21 +781,22 @@ def _dense_block_fn(apply_fn: Any, kind: str) -> Callable:
         last = len(scales) - 1
         out = 0.0
         for l, (u1, v1, u2, v2, (cw, cb)) in enumerate(zip(a1, d1, a2, d2, scales)):
-            gram_in = cw**2 * (u1 @ u2.T) + cb**2  # (n1, n2)
+            gram_in = cw**2 * jnp.matmul(u1, u2.T, precision=_HIGHEST) + cb**2  # (n1, n2)
             if kind == "entk":
                 n1, k, m = v1.shape
                 n2 = v2.shape[0]
                 if l == last:  # readout: delta is the identity, its Gram matrix is I_k
                     gram_out = jnp.eye(k, dtype=gram_in.dtype)[None, :, None, :]
                 else:
-                    gram_out = (v1.reshape(n1 * k, m) @ v2.reshape(n2 * k, m).T).reshape(n1, k, n2, k)
+                    gram_out = jnp.matmul(v1.reshape(n1 * k, m), v2.reshape(n2 * k, m).T,
+                                          precision=_HIGHEST).reshape(n1, k, n2, k)
                 # accumulate in (n1, k, n2, k) layout; transposed once at the end
                 out = out + gram_in[:, None, :, None] * gram_out
             elif kind == "trace":
-                gram_out = jnp.einsum("aio,bio->ab", v1, v2) / v1.shape[1]
+                gram_out = jnp.einsum("aio,bio->ab", v1, v2, precision=_HIGHEST) / v1.shape[1]
                 out = out + gram_in * gram_out
             else:
-                out = out + gram_in * (v1 @ v2.T)
+                out = out + gram_in * jnp.matmul(v1, v2.T, precision=_HIGHEST)
         return out.transpose(0, 2, 1, 3) if kind == "entk" else out
 
     return block
