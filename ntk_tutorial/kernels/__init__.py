@@ -869,11 +869,13 @@ GRADIENT_EFFICIENCY = 0.4
 
 @lru_cache(maxsize=1)
 def matmul_rate() -> float:
-    """This machine's float32 matrix-multiply rate in FLOP/s (a 1024 x 1024 product on the first
-    JAX device, best of five; measured once per process)."""
+    """This machine's float32 matrix-multiply rate in FLOP/s (on the first JAX device, best of
+    five: a 1024 x 1024 product on a CPU, 4096 x 4096 on an accelerator, where a smaller one
+    measures the launch rather than the arithmetic; full float32 precision, no TF32)."""
     import time
 
-    a = jnp.ones((1024, 1024), jnp.float32)
+    size = 1024 if jax.devices()[0].platform == "cpu" else 4096
+    a = jnp.ones((size, size), jnp.float32)
     mm = jax.jit(lambda u: jnp.matmul(u, u, precision=_HIGHEST))
     mm(a).block_until_ready()
     best = math.inf
@@ -881,7 +883,7 @@ def matmul_rate() -> float:
         t = time.perf_counter()
         mm(a).block_until_ready()
         best = min(best, time.perf_counter() - t)
-    return 2 * 1024**3 / best
+    return 2 * size**3 / best
 
 
 @dataclass(frozen=True)
@@ -964,11 +966,18 @@ def _chunk_flops(fn: Callable, params: Any, x: Any, aux: Any) -> float:
     """XLA's FLOP count of one call of the jitted ``fn(params, x, aux)`` (lowered, not compiled)."""
     key = (fn, _struct_key(params), tuple(x.shape), str(x.dtype), _struct_key(aux))
     if key not in _FLOPS:
+        def flops(analysis: Any) -> float:
+            analysis = analysis[0] if isinstance(analysis, (list, tuple)) and analysis else analysis
+            value = (analysis or {}).get("flops", float("nan")) if isinstance(analysis, dict) else float("nan")
+            return float(value) if value is not None and float(value) >= 0 else float("nan")
+
         try:
-            cost = fn.lower(_struct(params), jax.ShapeDtypeStruct(x.shape, x.dtype),
-                            None if aux is None else _struct(aux)).cost_analysis()
-            cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-            _FLOPS[key] = float((cost or {}).get("flops", float("nan")))
+            lowered = fn.lower(_struct(params), jax.ShapeDtypeStruct(x.shape, x.dtype),
+                               None if aux is None else _struct(aux))
+            value = flops(lowered.cost_analysis())
+            if not math.isfinite(value):  # GPU backends count only compiled programs
+                value = flops(lowered.compile().cost_analysis())
+            _FLOPS[key] = value
         except Exception:  # noqa: BLE001 - backends without a cost model
             _FLOPS[key] = float("nan")
     return _FLOPS[key]
@@ -1077,8 +1086,9 @@ def plan_kernel(kind: str, apply_fn: ApplyFn, params: Any, x1: Any, x2: Any = No
     devices = list(jax.devices() if devices is None else devices)
     if not devices:
         raise ValueError("devices must name at least one JAX device")
-    return _plan(kind, apply_fn, params, x1, x2, symmetric, batch_size, method, devices, out, costs=costs,
-                 state=state)
+    with jax.default_matmul_precision("highest"):  # the programs _kernel runs
+        return _plan(kind, apply_fn, params, x1, x2, symmetric, batch_size, method, devices, out, costs=costs,
+                     state=state)
 
 
 def kernel_memory(kind: str, apply_fn: ApplyFn, params: Any, x1: Any, x2: Any = None, **options) -> int:
@@ -1176,6 +1186,14 @@ def _kernel(
     out: Any = None,
     state: Any = None,
 ) -> Array:
+    # every product and convolution of the kernel, the network's own included, in full float32
+    # (or float64) precision: accelerators would otherwise run float32 ones in TF32
+    with jax.default_matmul_precision("highest"):
+        return _kernel_in_precision(kind, apply_fn, params, x1, x2, batch_size, method, devices, out, state)
+
+
+def _kernel_in_precision(kind: str, apply_fn: ApplyFn, params: Any, x1: Array, x2: Array | None,
+                         batch_size: int | None, method: str, devices: Any, out: Any, state: Any) -> Array:
     symmetric = x2 is None
     x1, x2 = _validate(x1, x2, working_dtype(params))
     _check_params(params)
