@@ -387,3 +387,30 @@ def test_known_points_change_nothing(scalar):
     post = lookahead.pool_posterior(proxy, p.block(p.U, p.L), p.block(p.U, p.U), p.f[p.U])
     after = lookahead.condition(post, [0], y_c[:1])
     assert rel_err(after.mean, post.mean) < 1e-8
+
+
+@SETTINGS
+@given(p=problems, relative=st.sampled_from(["proxy", "network"]))
+def test_sequential_emoc_equals_its_expectation_over_direct_solves(p, relative):
+    """Sequential EMOC (one pass for a scalar kernel measured from the proxy, one per class
+    otherwise) equals sum_c p_c ||Delta(.; x', e_c)||, each change a fresh direct solve of Eq. (11),
+    also after a pool point has been conditioned on."""
+    from hypothesis import assume
+
+    from ntk_tutorial.active import strategies
+
+    assume(p.m >= 2)  # pool point 0 is labelled below; the others are the candidates compared
+    post = lookahead.pool_posterior(p.proxy(), p.block(p.U, p.L), p.block(p.U, p.U), p.f[p.U])
+    post = lookahead.condition(post, [0], p.y_all[p.U[:1]])
+    train, y_train = np.concatenate([p.L, p.U[:1]]), np.concatenate([p.y_all[p.L], p.y_all[p.U[:1]]])
+    network = p.f[p.U]
+    reference = post.mean if relative == "proxy" else network
+    got = strategies.posterior_scores(post, "emoc", network=network, relative_to=relative)
+    probs = strategies.probabilities(reference, "softmax")
+    want = np.zeros(p.m)
+    for j in range(1, p.m):
+        for c in range(p.k):
+            y = np.eye(p.k)[c][None]
+            after = p.direct(np.concatenate([train, [p.U[j]]]), np.concatenate([y_train, y]), p.U)
+            want[j] += probs[j, c] * np.linalg.norm(after - reference, axis=1).sum()
+    assert rel_err(got[1:], want[1:]) < TOL

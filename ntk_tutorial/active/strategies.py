@@ -508,27 +508,39 @@ def mlmoc_scores(ctx: Context, reduce: str = "l2") -> np.ndarray:
     return _unknown_only(ctx, lookahead_change(ctx, lookahead.pseudo_labels(reference_outputs(ctx)), reduce))
 
 
-def emoc_scores(ctx: Context) -> np.ndarray:
-    """``E_{y' ~ p(. | x')} sum_{x in S} ||Delta f(x)||_2`` (``p``: ``ctx.probs``)."""
-    setup = lookahead_setup(ctx)
-    p = ctx.probs
+def emoc_expectation(change: Callable[[np.ndarray], np.ndarray], p: np.ndarray, mean: np.ndarray,
+                     one_pass: bool) -> np.ndarray:
+    """``E_{y' ~ p(. | x')} change(y')``: EMOC's expectation of an L2 look-ahead change over the
+    candidate's labels, for batch (:func:`emoc_scores`) and sequential (:func:`posterior_scores`)
+    querying alike.
+
+    ``change(Y)`` maps ``(m, k)`` candidate labels to the ``(m,)`` L2 changes; ``p`` is ``(m, k)``.
+    With ``one_pass`` (a scalar kernel, the change measured from the proxy whose predictions on the
+    candidates are ``mean``) ``||Delta(x; x')|| = |C(x, x')| ||y' - mean(x')|| / |C(x', x') + shift|``:
+    the label enters only through ``||y' - mean(x')||``, so one pass with a unit residual gives the
+    rest and the expectation is an ``(m, k)`` sum (``k`` times cheaper); otherwise one pass per class.
+    """
     m, k = p.shape
-    if setup.proxy is not None and setup.proxy.scalar and ctx.relative_to == "proxy":
-        # scalar kernel: ||Delta(x; x')|| = |C(x, x')| ||y' - f_lin(x')|| / |C(x', x') + shift|, so
-        # the label enters only through ||y' - f_lin(x')||: one pass over the pool with a unit
-        # residual gives the rest, then the expectation over y' is a (m, k) sum (k times cheaper)
-        f_lin = setup.prediction
+    if one_pass:
         unit = np.zeros((m, k))
         unit[:, 0] = 1.0
-        geometry = lookahead_change(ctx, f_lin + unit, "l2")
-        residual = np.linalg.norm(np.eye(k)[None, :, :] - f_lin[:, None, :], axis=2)  # (m, k)
-        return _unknown_only(ctx, geometry * np.sum(p * residual, axis=1))
+        geometry = change(mean + unit)
+        residual = np.linalg.norm(np.eye(k)[None, :, :] - mean[:, None, :], axis=2)  # (m, k)
+        return geometry * np.sum(p * residual, axis=1)
     total = np.zeros(m)
     for c in range(k):
         y = np.zeros((m, k))
         y[:, c] = 1.0
-        total += p[:, c] * lookahead_change(ctx, y, "l2")
-    return _unknown_only(ctx, total)
+        total += p[:, c] * change(y)
+    return total
+
+
+def emoc_scores(ctx: Context) -> np.ndarray:
+    """``E_{y' ~ p(. | x')} sum_{x in S} ||Delta f(x)||_2`` (``p``: ``ctx.probs``)."""
+    setup = lookahead_setup(ctx)
+    one_pass = setup.proxy is not None and setup.proxy.scalar and ctx.relative_to == "proxy"
+    return _unknown_only(ctx, emoc_expectation(lambda y: lookahead_change(ctx, y, "l2"), ctx.probs,
+                                               setup.prediction, one_pass))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -642,12 +654,7 @@ def posterior_scores(post: lookahead.PoolPosterior, objective: str, *, network: 
         return np.asarray(lookahead.covariance_change(post, lookahead.pseudo_labels(reference),
                                                       reference=reference, reduce=objective), np.float64)
     if objective == "emoc":
-        p = probabilities(reference, probabilities_how)
-        m, k = p.shape
-        total = np.zeros(m)
-        for c in range(k):
-            y = np.zeros((m, k))
-            y[:, c] = 1.0
-            total += p[:, c] * lookahead.covariance_change(post, y, reference=reference, reduce="l2")
-        return total
+        return emoc_expectation(
+            lambda y: np.asarray(lookahead.covariance_change(post, y, reference=reference, reduce="l2"), np.float64),
+            probabilities(reference, probabilities_how), post.mean, post.scalar and relative_to == "proxy")
     raise ValueError(f"unknown look-ahead objective {objective!r}")
