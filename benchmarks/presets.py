@@ -48,8 +48,9 @@ EPOCHS = 2
 N_TEST = 64
 JACOBIAN_ENV = "NTK_TUTORIAL_JACOBIAN_BYTES"
 MEASURE_BUDGET = 8 * 2**30  # bytes of per-example gradients allowed while measuring
-# the step size does not change what a step costs; the preset's lr 0.3 diverges on the random
-# stand-ins within a few steps (and the runner stops a diverged run), so the timing runs use this
+# the step size does not change what a step costs; random images with random labels can make a
+# preset's step diverge (lr 0.3 did within 8 steps; the runner stops a diverged run), so the
+# timing runs use this small one
 TIMING_LR = 0.01
 FULL_TEST = {"cpu-mnist-5k": 1000, "mnist": 10_000, "svhn": 26_032, "cifar10": 10_000, "cifar100": 10_000}
 

@@ -519,9 +519,10 @@ def cmd_al_reproduce(args: argparse.Namespace) -> int:
     from .active import experiments
 
     if args.list or not args.name:
+        width = max(len(name) for name in experiments.EXPERIMENTS)
         for name, exp in experiments.EXPERIMENTS.items():
-            print(f"{name:16s} preset {exp.preset}, {len(exp.runs)} runs x seeds {exp.seeds} -> {exp.folder}\n"
-                  f"{'':16s} {exp.description}")
+            print(f"{name:{width}s} preset {exp.preset}, {len(exp.runs)} runs x seeds {exp.seeds} -> {exp.folder}\n"
+                  f"{'':{width}s} {exp.description}")
         return 0
     if args.name not in experiments.EXPERIMENTS:
         import difflib

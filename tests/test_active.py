@@ -377,3 +377,34 @@ def test_readme_presets_table_is_the_generated_one():
     assert f"<!-- presets:begin -->\n{table}\n<!-- presets:end -->" in readme
     for name in R.README_PRESETS:  # and it names every preset it describes
         assert f"`{name}`" in table
+
+
+def test_paper_presets_take_the_released_sgd_steps():
+    """The paper-width presets' lr and weight decay, on this package's loss, give the steps of the
+    released code: PyTorch SGD (momentum 0.9, weight decay coupled to the gradient) on
+    ``MSELoss()`` (the mean over the batch and the k outputs of (f - y)^2), written out here by hand."""
+    from helpers import mlp
+
+    k, n, epochs = 10, 12, 4
+    apply_fn, params = mlp((5, 7, k), seed=3)
+    x = np.random.default_rng(0).normal(size=(n, 5))
+    y = np.eye(k)[np.arange(n) % k]
+    released = {"lr": 0.3, "momentum": 0.9, "weight_decay": 1e-4}
+
+    def torch_mse(p):  # torch.nn.MSELoss() with reduction="mean"
+        return jnp.mean((apply_fn(p, x) - y) ** 2)
+
+    want, buf = params, jax.tree.map(jnp.zeros_like, params)
+    for _ in range(epochs):  # full batch: one step per epoch
+        g = jax.tree.map(lambda gi, w: gi + released["weight_decay"] * w, jax.grad(torch_mse)(want), want)
+        buf = jax.tree.map(lambda b, gi: released["momentum"] * b + gi, buf, g)
+        want = jax.tree.map(lambda w, b: w - released["lr"] * b, want, buf)
+    for preset in ("mnist", "svhn", "cifar10"):
+        cfg = R.config_from_preset(preset)
+        assert (cfg.momentum, cfg.batch_size, cfg.epochs) == (0.9, 128, 200)
+        got = train.train(apply_fn, params, x, y, lr=cfg.lr, epochs=epochs, loss="mse", momentum=cfg.momentum,
+                          weight_decay=cfg.weight_decay, batch_size=n, key=jax.random.key(0)).params
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-10, atol=1e-12)
+    c100 = R.config_from_preset("cifar100")  # k = 100
+    assert np.isclose(c100.lr, 0.3 * 2 / 100) and np.isclose(c100.weight_decay, 1e-4 * 100 / 2)
