@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .kernels import ACTIVATIONS, DenseMLP, activation_fn  # noqa: F401 - part of this module's interface
+from .kernels import ACTIVATIONS, DenseMLP, activation_fn, dense_forward  # noqa: F401 - part of this module's interface
 
 Array = jax.Array
 
@@ -110,13 +110,12 @@ class MLP(nnx.Module):
             ]
         )
 
+    def _layers(self) -> list:
+        return [(layer.w[...], layer.b[...], layer.w_scale, layer.b_scale) for layer in self.layers]
+
     def features(self, x: Array) -> Array:
         """Penultimate features: the input of the readout layer (deterministic network)."""
-        phi = activation_fn(self.activation)
-        x = x.reshape(x.shape[0], -1)
-        for layer in self.layers[:-1]:
-            x = phi(layer(x))
-        return x
+        return dense_forward(self._layers(), x, self.activation, features=True)
 
     @property
     def readout_scale(self) -> float:
@@ -124,17 +123,7 @@ class MLP(nnx.Module):
         return float(self.layers[-1].w_scale)
 
     def __call__(self, x: Array, *, dropout_key: Array | None = None) -> Array:
-        phi = activation_fn(self.activation)
-        x = x.reshape(x.shape[0], -1)
-        for i, layer in enumerate(self.layers):
-            x = layer(x)
-            if i < len(self.layers) - 1:
-                x = phi(x)
-                if dropout_key is not None and self.dropout > 0:
-                    dropout_key, sub = jax.random.split(dropout_key)
-                    keep = jax.random.bernoulli(sub, 1.0 - self.dropout, x.shape)
-                    x = jnp.where(keep, x / (1.0 - self.dropout), 0.0)
-        return x
+        return dense_forward(self._layers(), x, self.activation, self.dropout, dropout_key)
 
 
 class CNN(nnx.Module):

@@ -52,7 +52,7 @@ import math
 import os
 from functools import lru_cache, partial
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -80,6 +80,29 @@ def activation_fn(name: str) -> Callable[[Array], Array]:
         raise ValueError(
             f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}"
         ) from None
+
+
+def dense_forward(layers: Sequence[tuple[Array, Array, float, float]], x: Array, activation: str,
+                  dropout: float = 0.0, dropout_key: Array | None = None, features: bool = False) -> Array:
+    """The forward pass of a fully connected network, the one :class:`DenseMLP` and
+    :class:`ntk_tutorial.models.MLP` both run: layer ``l`` computes ``a @ W_l * w_scale_l + b_l *
+    b_scale_l`` for ``layers[l] = (W_l, b_l, w_scale_l, b_scale_l)``; every layer but the last is
+    followed by ``activation`` and, with a ``dropout_key``, by dropout at rate ``dropout``.
+    ``features``: stop before the readout (the penultimate features, no dropout)."""
+    phi = activation_fn(activation)
+    a = x.reshape(x.shape[0], -1)
+    last = len(layers) - 1
+    for i, (w, b, cw, cb) in enumerate(layers):
+        if features and i == last:
+            break
+        a = (a @ w) * cw + b * cb
+        if i < last:
+            a = phi(a)
+            if dropout_key is not None and dropout > 0 and not features:
+                dropout_key, sub = jax.random.split(dropout_key)
+                keep = jax.random.bernoulli(sub, 1.0 - dropout, a.shape)
+                a = jnp.where(keep, a / (1.0 - dropout), 0.0)
+    return a
 
 
 @dataclass(frozen=True)
@@ -111,25 +134,10 @@ class DenseMLP:
 
     def features(self, params: Any, x: Array, state: Any = None) -> Array:
         """Penultimate features: the input of the readout layer (no dropout)."""
-        phi = activation_fn(self.activation)
-        a = x.reshape(x.shape[0], -1)
-        for w, b, cw, cb in self.layers(params)[:-1]:
-            a = phi((a @ w) * cw + b * cb)
-        return a
+        return dense_forward(self.layers(params), x, self.activation, features=True)
 
     def __call__(self, params: Any, x: Array, dropout_key: Array | None = None) -> Array:
-        phi = activation_fn(self.activation)
-        layers = self.layers(params)
-        a = x.reshape(x.shape[0], -1)
-        for i, (w, b, cw, cb) in enumerate(layers):
-            a = (a @ w) * cw + b * cb
-            if i < len(layers) - 1:
-                a = phi(a)
-                if dropout_key is not None and self.dropout > 0:
-                    dropout_key, sub = jax.random.split(dropout_key)
-                    keep = jax.random.bernoulli(sub, 1.0 - self.dropout, a.shape)
-                    a = jnp.where(keep, a / (1.0 - self.dropout), 0.0)
-        return a
+        return dense_forward(self.layers(params), x, self.activation, self.dropout, dropout_key)
 
 
 def bind(apply_fn: ApplyFn, state: Any = None) -> Callable[[Any, Array], Array]:
