@@ -255,6 +255,45 @@ def test_the_stream_route_computes_each_gradient_once_and_equals_the_features_ro
         kernels.entk(apply_fn, params, x)
 
 
+def test_without_room_for_the_scratch_file_the_blocks_are_recomputed(monkeypatch, tmp_path):
+    """When the stream route's scratch file would not fit (here: $NTK_TUTORIAL_SCRATCH_BYTES), the
+    plan says "recompute": each resident block's partner blocks are computed again, the kernel is
+    still the vmap(grad) one, and the gradient evaluations are the ones the plan states (23 points
+    in blocks of 5: 23 + 18 + 13 + 8 + 3 symmetric; 23 + 5 x 9 against 9 other points)."""
+    from ntk_tutorial.models import CNN, functional
+
+    apply_fn, params = functional(CNN((6, 6, 1), 3, channels=4, rngs=nnx.Rngs(params=jax.random.key(0))))
+    x = jax.random.normal(jax.random.key(1), (23, 36))
+    y = x[:9] + 0.5
+    monkeypatch.setattr(kernels, "GRADIENTS", "vmap")
+    want = {kind: np.asarray(getattr(kernels, kind)(apply_fn, params, x)) for kind in ("pntk", "entk")}
+    want_xy = np.asarray(kernels.entk(apply_fn, params, x, y))
+    monkeypatch.setattr(kernels, "GRADIENTS", "auto")
+    n_params = sum(int(v.size) for v in jax.tree.leaves(params))
+    s = np.dtype(x.dtype).itemsize
+    monkeypatch.setenv(kernels.JACOBIAN_ENV, str(2 * 5 * 3 * n_params * s))  # eNTK blocks of 5
+    monkeypatch.setenv(kernels.SCRATCH_ENV, str(tmp_path))
+    monkeypatch.setenv(kernels.SCRATCH_BYTES_ENV, str(9 * 3 * n_params * s - 1))  # room for neither file
+    plan = kernels.plan_kernel("entk", apply_fn, params, x)
+    assert (plan.route, plan.batch_size, plan.scratch_bytes) == ("recompute", 5, 0)
+    assert plan.gradient_evaluations == 23 + 18 + 13 + 8 + 3
+    assert kernels.plan_kernel("entk", apply_fn, params, x, y).gradient_evaluations == 23 + 5 * 9
+    for kind in ("pntk", "entk"):
+        before = kernels.gradient_evaluations()
+        got = np.asarray(getattr(kernels, kind)(apply_fn, params, x))
+        assert kernels.gradient_evaluations() - before == kernels.plan_kernel(kind, apply_fn, params, x).gradient_evaluations
+        np.testing.assert_allclose(got, want[kind], rtol=2e-5, atol=1e-6)
+    before = kernels.gradient_evaluations()
+    np.testing.assert_allclose(np.asarray(kernels.entk(apply_fn, params, x, y)), want_xy, rtol=2e-5, atol=1e-6)
+    assert kernels.gradient_evaluations() - before == 23 + 5 * 9
+    assert list(tmp_path.iterdir()) == []  # nothing was written
+    monkeypatch.setenv(kernels.SCRATCH_BYTES_ENV, str(23 * 3 * n_params * s))  # exactly room: stream
+    assert kernels.plan_kernel("entk", apply_fn, params, x).route == "stream"
+    monkeypatch.setenv(kernels.SCRATCH_BYTES_ENV, "plenty")
+    with pytest.raises(ValueError, match="NTK_TUTORIAL_SCRATCH_BYTES"):
+        kernels.entk(apply_fn, params, x)
+
+
 @pytest.mark.parametrize("kind", ["entk", "pntk", "trace"])
 def test_every_product_of_the_dense_route_asks_for_full_float32_precision(kind):
     """On an accelerator a float32 product without a precision may run in TF32 (10-bit

@@ -21,7 +21,8 @@ Two exact routes compute the empirical kernels:
   batched backward pass where :mod:`ntk_tutorial.kernels.pergrad` proves the examples independent (its
   convolution weight gradients are products of image patches with back-propagated vectors),
   else from ``vmap(grad)``.  When they do not fit the Jacobian budget they are written once to a
-  scratch file and streamed against a resident block (the ``"stream"`` route);
+  scratch file and streamed against a resident block (the ``"stream"`` route), or, when the
+  scratch file would not fit on disk either, recomputed block by block (``"recompute"``);
 * the *dense* route, chosen automatically when ``apply_fn`` is a :class:`DenseMLP` (what
   :func:`ntk_tutorial.models.functional` returns for an MLP), never forms a
   ``P``-sized Jacobian.  For a dense layer ``z = a W c + b c_b`` the Jacobian with respect to
@@ -157,6 +158,11 @@ _JACOBIAN_BLOCK_MAX = 8 * 2**30
 JACOBIAN_ENV = "NTK_TUTORIAL_JACOBIAN_BYTES"
 # Folder of the stream route's scratch file of Jacobians (default: the system's temporary folder)
 SCRATCH_ENV = "NTK_TUTORIAL_SCRATCH"
+# Most bytes the stream route may write there (default: the folder's free space).  Jacobians
+# larger than that take the "recompute" route: the gradients of each streamed block are computed
+# again for every resident block instead of being read back (no scratch file; more gradient
+# passes, which an accelerator can afford better than a disk it does not have).
+SCRATCH_BYTES_ENV = "NTK_TUTORIAL_SCRATCH_BYTES"
 
 
 def _env_bytes(name: str, low: int, rule: str) -> int | None:
@@ -902,7 +908,10 @@ class KernelPlan:
       route: ``"dense"`` (one block of Gram matrices, MLPs), ``"features"`` (every per-example
         gradient once, then one product), ``"stream"`` (every per-example gradient once, written
         to a scratch file; blocks of ``batch_size`` rows stay resident and the others are
-        streamed against them), ``"blocks"`` (the dense route block by block into a host
+        streamed against them), ``"recompute"`` (as ``"stream"``, when the scratch file would not
+        fit on disk or in ``$NTK_TUTORIAL_SCRATCH_BYTES``: the streamed blocks' gradients are
+        computed again for each resident block, so ``gradient_evaluations`` exceeds ``points``),
+        ``"blocks"`` (the dense route block by block into a host
         array) or ``"disk"`` (the dense route into ``out=``).  On the features and stream
         routes several devices each take a share of every chunk and of every product's rows.
       method: ``"dense"`` or ``"jacobian"``.
@@ -1055,6 +1064,15 @@ def _plan(kind: str, apply_fn: ApplyFn, params: Any, x1: Any, x2: Any, symmetric
         product = 3 * kernel_nbytes(b1, b2, k, kind, itemsize)
         blocks = b1 * f + 2 * b2 * f + max(chunk_peak + b2 * f, product)
         peak = blocks if out is not None else output + max(blocks, 2 * output)
+        if scratch > _scratch_limit(out):
+            # no room for the file: each resident block's partners are recomputed (symmetric: the
+            # blocks after it; otherwise all of x2 per block of x1)
+            s1 = [min(b1, n1 - i) for i in range(0, n1, b1)]
+            evaluations = n1 + (sum(sum(s1[i + 1:]) for i in range(len(s1))) if symmetric else len(s1) * n2)
+            flops = None if gradient_flops is None else gradient_flops * evaluations / points
+            return KernelPlan("recompute", method, int(batch_size), k, int(itemsize), int(output),
+                              int(peak + inputs), gradients, chunk, points, int(evaluations), pairs, 0, flops,
+                              entry_flops * rows if costs else None)
         return KernelPlan("stream", method, int(batch_size), k, int(itemsize), int(output), int(peak + inputs),
                           gradients, chunk, points, points, pairs, int(scratch), gradient_flops,
                           entry_flops * rows if costs else None)
@@ -1120,6 +1138,38 @@ def _scratch_folder(out: Any) -> str:
     if out is not None:
         return str(Path(out).expanduser().resolve().parent)
     return tempfile.gettempdir()
+
+
+def _scratch_limit(out: Any = None) -> int:
+    """Bytes the stream route may write: ``$NTK_TUTORIAL_SCRATCH_BYTES``, else the free space of
+    its folder (:func:`_scratch_folder`)."""
+    import shutil
+
+    value = _env_bytes(SCRATCH_BYTES_ENV, 0, "a byte count >= 0")
+    if value is not None:
+        return value
+    return int(shutil.disk_usage(_scratch_folder(out)).free)
+
+
+def _recompute(fn: Callable, kind: str, params: Any, x1: Array, x2: Array, symmetric: bool, aux: Any,
+               plan: KernelPlan, result: Any, devices: Any = ()) -> None:
+    """The recompute route: each block of ``x1``'s features stays resident while the blocks it
+    is multiplied with are computed afresh (symmetric: the upper triangle only)."""
+    b = plan.batch_size
+    n1, n2 = x1.shape[0], x2.shape[0]
+
+    def features(x: Array) -> Array:
+        return _all_features(fn, kind, params, x, aux, plan.chunk, plan.gradients, devices)
+
+    for i in range(0, n1, b):
+        fi = features(x1[i:i + b])
+        for j in range(i if symmetric else 0, n2, b):
+            fj = fi if symmetric and j == i else features(x2[j:j + b])
+            blk = np.asarray(_product(fi, fj, kind, devices))
+            result[i:i + b, j:j + b] = blk
+            if symmetric and j > i:
+                result[j:j + b, i:i + b] = blk.transpose(1, 0, 3, 2) if kind == "entk" else blk.T
+            del fj, blk
 
 
 def _check_scratch(folder: str, nbytes: int) -> None:
@@ -1241,6 +1291,8 @@ def _kernel_in_precision(kind: str, apply_fn: ApplyFn, params: Any, x1: Array, x
         result = np.lib.format.open_memmap(str(out), mode="w+", dtype=dtype, shape=shape)
     if plan.route == "stream":
         _stream(compiled_for, kind, params, x1, x2, symmetric, aux, plan, result, folder, devices)
+    elif plan.route == "recompute":
+        _recompute(compiled_for, kind, params, x1, x2, symmetric, aux, plan, result, devices)
     else:
         for i in range(0, n1, batch_size):
             for j in range(0, n2, batch_size):
