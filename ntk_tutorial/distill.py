@@ -28,8 +28,10 @@ recording paths, builds the signals, and trains students on them.
 
 Mini-batches: every epoch draws a fresh permutation of the ``n`` samples and cuts it into
 ``n // batch_size`` batches; the ``n mod batch_size`` samples left over wait for a later epoch
-(PyTorch's ``drop_last=True``, as in the paper's code).  Each epoch runs inside one
-``jax.lax.scan``, so a Python loop pays dispatch costs only once per epoch.
+(PyTorch's ``drop_last=True``, as in the paper's code).  Training runs on the package's one SGD
+core, :func:`ntk_tutorial.train.sgd_core`, with this loss, the Filter-KD averages as its
+per-batch hook and the paths as its record; each epoch is one ``jax.lax.scan``, so a Python
+loop pays dispatch costs only once per epoch.
 """
 
 from __future__ import annotations
@@ -175,37 +177,26 @@ def _check_targets(targets: Array, n: int, k: int) -> Array:
 
 
 @lru_cache(maxsize=64)
-def _epoch_fn(apply_fn, n, batch_size, every, chunks, tau, alpha, filter_tau, lr, momentum,
-              weight_decay, record):
-    """One jitted epoch for these settings; cached so that new seeds and data do not recompile."""
-    opt = optax.sgd(lr, momentum=momentum or None)
-    if weight_decay:
-        opt = optax.chain(optax.add_decayed_weights(weight_decay), opt)
+def _kd_loss(tau: float) -> Callable:
+    """The per-example loss of :func:`fit` for ``train.sgd_core`` (one function per ``tau``, so
+    that the compiled core is reused)."""
+    return lambda logits, targets: distill_loss(logits, targets, tau)
 
-    def objective(p, xb, tb):
-        logits = apply_fn(p, xb)
-        return distill_loss(logits, tb, tau).mean(), logits
 
-    @jax.jit
-    def epoch_fn(carry, epoch_key, x, targets, rec_x):
-        def step(carry, idx):
-            p, s, q_bar, seen = carry
-            (value, logits), grads = jax.value_and_grad(objective, has_aux=True)(p, x[idx], targets[idx])
-            probs = softmax_t(jax.lax.stop_gradient(logits), filter_tau)
-            q_bar, seen = filter_update(q_bar, seen, idx, probs, alpha)
-            updates, s = opt.update(grads, s, p)
-            return (optax.apply_updates(p, updates), s, q_bar, seen), value
+@lru_cache(maxsize=64)
+def _filter_hook(alpha: float, filter_tau: float) -> Callable:
+    """``train.sgd_core``'s per-batch hook of :func:`fit`: the Filter-KD averages of the batch."""
+    def hook(aux, idx, logits):
+        q_bar, seen = aux
+        return filter_update(q_bar, seen, idx, softmax_t(logits, filter_tau), alpha)
 
-        def chunk(carry, idx_chunk):
-            carry, values = jax.lax.scan(step, carry, idx_chunk)
-            rec = jax.nn.softmax(apply_fn(carry[0], rec_x), axis=-1) if record else None
-            return carry, (values, rec)
+    return hook
 
-        order = jax.random.permutation(epoch_key, n)[: chunks * every * batch_size]
-        carry, (values, recs) = jax.lax.scan(chunk, carry, order.reshape(chunks, every, batch_size))
-        return carry, values.reshape(-1), recs
 
-    return epoch_fn, opt
+@lru_cache(maxsize=64)
+def _path_record(apply_fn: Callable) -> Callable:
+    """``train.sgd_core``'s record of :func:`fit`: the predictions ``q_t`` on ``record_x``."""
+    return lambda params, state, record_x: jax.nn.softmax(apply_fn(params, record_x), axis=-1)
 
 
 def fit(
@@ -287,10 +278,18 @@ def fit(
     rec_x = None if record_x is None else jnp.asarray(record_x)
 
     lr = float(lr) if isinstance(lr, (int, float)) else lr
-    epoch_fn, opt = _epoch_fn(apply_fn, n, batch_size, every, chunks, float(tau), float(alpha),
-                              float(filter_tau), lr, float(momentum), float(weight_decay), rec_x is not None)
+    # the package's one SGD core (train.sgd_core): this loss, the Filter-KD averages as its
+    # per-batch hook, the paths as its record after every `every` steps
+    from .train import sgd_core
+
+    core = sgd_core(apply_fn, _kd_loss(float(tau)), lr, float(momentum), float(weight_decay), False, False,
+                    hook=_filter_hook(float(alpha), float(filter_tau)),
+                    record=_path_record(apply_fn) if rec_x is not None else None)
     predict = jax.jit(apply_fn)
-    carry = (params, opt.init(params), jnp.zeros((n, k), out.dtype), jnp.zeros(n, bool))
+    carry = (params, None, core.opt.init(params), (jnp.zeros((n, k), out.dtype), jnp.zeros(n, bool)))
+    order_of = jax.jit(lambda epoch_key: jax.random.permutation(epoch_key, n)[: chunks * every * batch_size]
+                       .reshape(chunks, every, batch_size))
+    unused_key = jax.random.key(0)  # no dropout in fit
     losses, val_acc, paths = [], [], []
     if rec_x is not None:
         paths.append(np.asarray(jax.nn.softmax(predict(params, rec_x), axis=-1)))
@@ -302,8 +301,11 @@ def fit(
 
         it = tqdm(it, desc="epochs", leave=False)
     for epoch in it:
-        carry, values, recs = epoch_fn(carry, jax.random.fold_in(key, epoch), x, targets, rec_x)
-        losses.append(np.asarray(values))
+        first = (epoch - 1) * steps_per_epoch + 1
+        steps = jnp.arange(first, first + steps_per_epoch).reshape(chunks, every)
+        carry, (values, recs) = core.run(carry, x, targets, order_of(jax.random.fold_in(key, epoch)), steps,
+                                         unused_key, rec_x)
+        losses.append(np.asarray(values).reshape(-1))
         if not np.isfinite(losses[-1][-1]):
             raise FloatingPointError(f"training diverged in epoch {epoch}; lower lr={lr}")
         if rec_x is not None:
@@ -314,10 +316,10 @@ def fit(
             acc = float(jnp.mean(jnp.argmax(predict(carry[0], jnp.asarray(x_val)), -1) == jnp.asarray(y_val)))
             val_acc.append(acc)
             if acc > best:  # JAX arrays are immutable: keeping references is a snapshot
-                best, es_params, es_epoch, es_table = acc, carry[0], epoch, carry[2:]
-    params, _, q_bar, seen = carry
+                best, es_params, es_epoch, es_table = acc, carry[0], epoch, carry[3]
+    params, _, _, (q_bar, seen) = carry
     if x_val is None:
-        es_params, es_table = params, carry[2:]
+        es_params, es_table = params, carry[3]
 
     def table(q_bar, seen, p):
         # np.array copies: np.asarray of a JAX array is a read-only view

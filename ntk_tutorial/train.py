@@ -11,13 +11,24 @@ Losses, per example and averaged over the batch:
 ``train`` returns the final parameters, the loss at every step and, at the requested steps,
 the predictions on chosen points and optionally a kernel: the raw material of the learning-path
 and lazy-training notebooks.
+
+One training core serves the package: :func:`sgd_core` (a jitted step and a ``lax.scan`` of
+steps, with a loss, a per-batch hook and a record) runs :func:`train`, :func:`sgd` (the same
+rule as a pure, jit- and vmap-able function: notebook 03's retraining) and
+:func:`ntk_tutorial.distill.fit` (its Filter-KD averages are the hook, its paths the record).
+Batching and seeding (``train`` and ``sgd``): epoch ``e`` visits the samples in the order
+``permutation(fold_in(split(key)[0], first step of the epoch), n)``, cut into ``ceil(n / b)``
+batches, the last one smaller; dropout at step ``t`` draws ``fold_in(split(key)[1], t)``.
+Full-batch steps between records run as scans; mini-batch steps in :func:`train` one jitted call
+at a time (a ragged last batch, callbacks and stopping rules need the host, and XLA:CPU runs
+convolutions inside a scan far slower: :func:`scan_friendly`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -99,6 +110,8 @@ class TrainResult:
     config: dict = field(default_factory=dict)
     state: Any = None
 
+
+MAX_SCAN = 1024  # the longest lax.scan of full-batch steps between records (power-of-two pieces)
 
 _KERNEL_FNS = {
     "entk": _kernels.entk,
@@ -219,7 +232,7 @@ def train(
 
     if 0 in rec_steps:
         record(params)
-    losses = []
+    losses, scanned = [], []
     order = None
     shuffle_key, dropout_key = jax.random.split(key) if key is not None else (None, None)
     it = range(1, total + 1)
@@ -227,6 +240,31 @@ def train(
         from tqdm.auto import tqdm
 
         it = tqdm(it, desc="training", leave=False)
+    if batch_size is None and callback is None and stop_loss is None and scan_friendly(apply_fn, params, x, stats):
+        # full-batch GD: the steps between records run as lax.scans of power-of-two lengths (a
+        # handful of compiled lengths), on the same core as every other step
+        core = sgd_core(apply_fn, loss, float(lr), float(momentum), float(weight_decay), bool(dropout), bn,
+                        lr_schedule, total if lr_schedule != "constant" else 1)
+        carry = (params, stats, opt_state, None)
+        dkey = dropout_key if dropout else jax.random.key(0)
+        step = 0
+        bar = it if progress else None
+        for stop in [s for s in rec_steps if s > 0] + ([total] if not rec_steps or rec_steps[-1] < total else []):
+            while step < stop:
+                length = min(1 << ((stop - step).bit_length() - 1), MAX_SCAN)
+                steps_now = jnp.arange(step + 1, step + length + 1)[None]
+                carry, (values, _) = core.run(carry, x, targets, None, steps_now, dkey, None)
+                scanned.append(values.reshape(-1))
+                step += length
+                _check_finite([values.reshape(-1)[-1]], step, lr)
+                if bar is not None:
+                    bar.update(length)
+            if stop in rec_steps:
+                record(carry[0])
+        params, stats, opt_state, _ = carry
+        if bar is not None:
+            bar.close()
+        it = ()
     for step in it:
         dkey = jax.random.fold_in(dropout_key, step) if dropout else None
         idx = None
@@ -250,7 +288,10 @@ def train(
                     rec_steps.append(step)
                     record(params)
             break
-    losses = np.asarray(jnp.stack(losses)) if losses else np.zeros(0)
+    if scanned:
+        losses = np.asarray(jnp.concatenate(scanned))
+    else:
+        losses = np.asarray(jnp.stack(losses)) if losses else np.zeros(0)
     if recompute_stats and bn:
         stats = apply_fn.population_stats(params, stats, x, batch_size)
     config = dict(lr=lr, steps=len(losses), stop_loss=stop_loss, loss=loss, batch_size=batch_size, momentum=momentum,
@@ -268,15 +309,77 @@ def train(
     )
 
 
-@lru_cache(maxsize=64)
-def _step_fn(apply_fn: Callable, loss: str, lr: float, momentum: float, weight_decay: float,
-             dropout: bool, bn: bool, lr_schedule: str = "constant", total: int = 1):
-    """The jitted optimiser step for these settings, compiled once and reused by later calls
-    (active learning trains the same network every cycle).  Returns ``(step_fn, optimizer)``."""
+def scan_friendly(apply_fn: Callable, params: Any, x: Array, state: Any = None) -> bool:
+    """Whether a ``lax.scan`` of training steps pays here.  Not on the CPU for networks with
+    convolutions: XLA:CPU ran one step of the WRN of notebook 04 in 16 s inside a scan against
+    0.1-0.4 s as a jitted call of its own (measured on this project's 2-core machine), so
+    :func:`train` runs such steps one call at a time."""
+    if jax.devices()[0].platform != "cpu":
+        return True
     from .models import call
 
-    per_example = loss_fn(loss)
-    opt = optax.sgd(_schedule(lr, lr_schedule, total), momentum=momentum or None)
+    jaxpr = jax.make_jaxpr(lambda p, xb: call(apply_fn, p, xb, state))(params, x[:1])
+
+    def has_conv(jx) -> bool:
+        for eqn in jx.eqns:
+            if eqn.primitive.name == "conv_general_dilated":
+                return True
+            for value in eqn.params.values():
+                inner = getattr(value, "jaxpr", None)
+                if inner is not None and has_conv(getattr(inner, "jaxpr", inner)):
+                    return True
+        return False
+
+    return not has_conv(jaxpr.jaxpr)
+
+
+class SGDCore(NamedTuple):
+    """The jitted pieces of one SGD setting (:func:`sgd_core`).
+
+    ``carry = (params, state, opt_state, aux)``: the batch-norm state (``None`` without batch
+    norm), the optimiser's state and what the ``hook`` keeps (``None`` without one).
+
+    * ``step(carry, x, targets, idx, dropout_key) -> (carry, loss)``: one update on the batch
+      ``x[idx], targets[idx]`` (``idx=None``: the full batch);
+    * ``run(carry, x, targets, idx, steps, dropout_key, record_x) -> (carry, (losses, records))``:
+      ``lax.scan`` over ``idx`` of shape ``(chunks, steps_per_chunk, batch)`` (``None`` with
+      ``steps`` of shape ``(chunks, steps_per_chunk)``: full-batch steps), with the step numbers
+      ``steps`` (dropout draws ``fold_in(dropout_key, step)``); after each chunk
+      ``record(params, state, record_x)`` (``None`` without ``record``);
+    * ``opt``: the optax optimiser (``opt.init(params)`` starts ``opt_state``).
+    """
+
+    step: Callable
+    run: Callable
+    opt: Any
+
+
+@lru_cache(maxsize=64)
+def sgd_core(apply_fn: Callable, loss: str | Callable, lr: float | Callable, momentum: float,
+             weight_decay: float, dropout: bool, bn: bool, lr_schedule: str = "constant", total: int = 1,
+             hook: Callable | None = None, record: Callable | None = None) -> SGDCore:
+    """The one SGD core of the package: :func:`train` and :func:`ntk_tutorial.distill.fit` both
+    run on it.  Compiled once per setting and reused (active learning trains the same network
+    every cycle; distillation a teacher and its students).
+
+    Args:
+      apply_fn: the model; with ``bn`` a :class:`~ntk_tutorial.models.Model` trained in training
+        mode (``train_apply``), else ``apply_fn(params, x[, dropout_key])``.
+      loss: ``"mse"``, ``"xent"`` or a per-example loss ``(logits, targets) -> (n,)``.
+      lr, lr_schedule, total: a float rate with the schedule of :func:`train` over ``total``
+        steps, or an optax schedule.
+      momentum: heavy-ball momentum (0: plain SGD); weight_decay: L2 penalty
+        ``wd/2 ||params||^2`` in the loss (coupled to the gradient, as PyTorch's SGD).
+      dropout: pass a dropout key to the model.
+      hook: ``hook(aux, idx, logits) -> aux`` after each step's forward pass (``logits`` without
+        gradient): what a training loop keeps per batch (distillation's Filter-KD averages).
+      record: ``record(params, state, record_x) -> array`` after each chunk of ``run``.
+    """
+    from .models import call
+
+    per_example = loss if callable(loss) else loss_fn(loss)
+    rate = _schedule(lr, lr_schedule, total) if isinstance(lr, float) else lr
+    opt = optax.sgd(rate, momentum=momentum or None)
 
     def objective(p, bs, xb, tb, dkey):
         if bn:
@@ -286,16 +389,78 @@ def _step_fn(apply_fn: Callable, loss: str, lr: float, momentum: float, weight_d
         value = per_example(out, tb).mean()
         if weight_decay:
             value = value + 0.5 * weight_decay * sum(jnp.sum(w**2) for w in jax.tree.leaves(p))
-        return value, bs
+        return value, (bs, out)
+
+    def one(carry, xs, ts, idx, dkey):
+        p, bs, s, aux = carry
+        xb, tb = (xs, ts) if idx is None else (xs[idx], ts[idx])
+        (value, (bs, out)), grads = jax.value_and_grad(objective, has_aux=True)(p, bs, xb, tb, dkey)
+        if hook is not None:
+            aux = hook(aux, idx, jax.lax.stop_gradient(out))
+        updates, s = opt.update(grads, s, p)
+        return (optax.apply_updates(p, updates), bs, s, aux), value
 
     @jax.jit
-    def step_fn(p, bs, s, xs, ts, idx, dkey):
-        xb, tb = (xs, ts) if idx is None else (xs[idx], ts[idx])
-        (value, bs), grads = jax.value_and_grad(objective, has_aux=True)(p, bs, xb, tb, dkey)
-        updates, s = opt.update(grads, s, p)
-        return optax.apply_updates(p, updates), bs, s, value
+    def run(carry, xs, ts, idx, steps, dropout_key, record_x):
+        def body(carry, inp):
+            i, t = inp
+            return one(carry, xs, ts, i, jax.random.fold_in(dropout_key, t) if dropout else None)
 
-    return step_fn, opt
+        def chunk(carry, inp):
+            carry, values = jax.lax.scan(body, carry, inp)
+            rec = record(carry[0], carry[1], record_x) if record is not None else None
+            return carry, (values, rec)
+
+        return jax.lax.scan(chunk, carry, (idx, steps))
+
+    return SGDCore(jax.jit(one), run, opt)
+
+
+def sgd(apply_fn: Callable, params: Any, x: Array, y: Array, key: Array, *, lr: float, epochs: int,
+        batch_size: int, loss: str = "mse", momentum: float = 0.0) -> Any:
+    """Mini-batch SGD as a pure function of its arguments: the trained parameters, nothing else
+    (no records, no checks), so it can be jitted and ``vmap``-ed over data and keys (notebook 03
+    retrains a network per candidate this way).  The same core (:func:`sgd_core`) and the same
+    batching and seeding rule as :func:`train` with ``batch_size`` and ``key``: epoch ``e`` (from
+    0) visits the samples in the order ``permutation(fold_in(split(key)[0], e * s + 1), n)``, cut
+    into ``s = ceil(n / batch_size)`` batches, the last one smaller; ``train`` gives the same
+    parameters.  ``epochs``, ``batch_size``, ``loss`` and the rates are static."""
+    x = jnp.asarray(x)
+    n = x.shape[0]
+    k = jax.eval_shape(apply_fn, params, x[:1]).shape[-1]
+    targets = _targets(y, k, loss)
+    full, rest = divmod(n, int(batch_size))
+    per_epoch = full + (rest > 0)
+    core = sgd_core(apply_fn, loss, float(lr), float(momentum), 0.0, False, False)
+    shuffle_key = jax.random.split(key)[0]
+    unused = jax.random.key(0)
+
+    def epoch(carry, e):
+        first = e * per_epoch + 1
+        order = jax.random.permutation(jax.random.fold_in(shuffle_key, first), n)
+        if full:
+            steps = (first + jnp.arange(full))[None]
+            carry, _ = core.run(carry, x, targets, order[: full * batch_size].reshape(1, full, batch_size), steps,
+                                unused, None)
+        if rest:
+            carry, _ = core.step(carry, x, targets, order[full * batch_size:], None)
+        return carry, None
+
+    carry, _ = jax.lax.scan(epoch, (params, None, core.opt.init(params), None), jnp.arange(int(epochs)))
+    return carry[0]
+
+
+def _step_fn(apply_fn: Callable, loss: str, lr: float, momentum: float, weight_decay: float,
+             dropout: bool, bn: bool, lr_schedule: str = "constant", total: int = 1):
+    """``(step_fn, optimizer)`` of :func:`sgd_core` for :func:`train`'s loop: ``step_fn(params,
+    state, opt_state, x, targets, idx, dropout_key) -> (params, state, opt_state, loss)``."""
+    core = sgd_core(apply_fn, loss, lr, momentum, weight_decay, dropout, bn, lr_schedule, total)
+
+    def step_fn(p, bs, s, xs, ts, idx, dkey):
+        (p, bs, s, _), value = core.step((p, bs, s, None), xs, ts, idx, dkey)
+        return p, bs, s, value
+
+    return step_fn, core.opt
 
 
 def predict(apply_fn: Callable, params: Any, x: Array, *, state: Any = None, batch_size: int = 4096) -> Array:

@@ -133,3 +133,56 @@ def test_param_dtype_is_float32_by_default_even_with_x64():
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(params))
     _, p64 = models.functional(models.MLP((3, 4, 2), param_dtype=jnp.float64, rngs=nnx.Rngs(0)))
     assert all(leaf.dtype == jnp.float64 for leaf in jax.tree.leaves(p64))
+
+
+def test_full_batch_steps_scanned_equal_steps_taken_one_by_one():
+    """Full-batch GD runs its steps between records as lax.scans of the shared core; a callback
+    makes train() take the same steps one jitted call at a time: the parameters, losses and
+    records agree, with momentum, weight decay, dropout and a schedule."""
+    apply_fn, params = mlp((5, 16, 3), dropout=0.2)
+    x = jax.random.normal(jax.random.key(0), (13, 5))
+    y = jnp.arange(13) % 3
+    kw = dict(lr=0.3, steps=37, momentum=0.9, weight_decay=1e-3, dropout=True, key=jax.random.key(1),
+              lr_schedule="onecycle", record_steps=(0, 5, 37), loss="xent")
+    scanned = train.train(apply_fn, params, x, y, **kw)
+    taken = []
+    stepped = train.train(apply_fn, params, x, y, callback=lambda step, p: taken.append(step), **kw)
+    assert taken == list(range(1, 38)) and scanned.losses.shape == (37,)
+    np.testing.assert_allclose(scanned.losses, stepped.losses, rtol=1e-10)
+    np.testing.assert_allclose(scanned.predictions, stepped.predictions, rtol=1e-10)
+    for a, b in zip(jax.tree.leaves(scanned.params), jax.tree.leaves(stepped.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+    assert train.scan_friendly(apply_fn, params, x)
+
+
+def test_distillation_trains_on_the_shared_sgd_core():
+    """distill.fit has no SGD loop of its own: it runs train.sgd_core (one compiled core for a
+    teacher and a student of the same settings)."""
+    from ntk_tutorial import distill
+
+    apply_fn, params = mlp((5, 8, 3), dtype=jnp.float32)
+    x = jax.random.normal(jax.random.key(0), (16, 5))
+    targets = distill.one_hot(jnp.arange(16) % 3, 3)
+    before = train.sgd_core.cache_info()
+    distill.fit(apply_fn, params, x, targets, key=jax.random.key(1), lr=0.1, epochs=2, batch_size=4)
+    distill.fit(apply_fn, params, x, targets, key=jax.random.key(2), lr=0.1, epochs=2, batch_size=4)
+    after = train.sgd_core.cache_info()
+    assert after.misses == before.misses + 1 and after.hits == before.hits + 1
+
+
+def test_pure_sgd_is_train_with_mini_batches_and_can_be_vmapped():
+    """train.sgd (pure, jit/vmap-able) gives train()'s parameters for the same key: the same
+    batching (a ragged last batch) and seeding; vmapped over keys it equals each run alone."""
+    apply_fn, params = mlp((5, 16, 3))
+    x = jax.random.normal(jax.random.key(0), (21, 5))
+    y = jax.nn.one_hot(jnp.arange(21) % 3, 3)
+    keys = jax.random.split(jax.random.key(3), 3)
+    run = jax.jit(lambda p, kk: train.sgd(apply_fn, p, x, y, kk, lr=0.2, epochs=4, batch_size=8, momentum=0.5))
+    for kk in keys[:2]:
+        want = train.train(apply_fn, params, x, y, lr=0.2, epochs=4, batch_size=8, momentum=0.5, key=kk).params
+        for a, b in zip(jax.tree.leaves(run(params, kk)), jax.tree.leaves(want)):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+    batched = jax.jit(jax.vmap(run, in_axes=(None, 0)))(params, keys)
+    for i, kk in enumerate(keys):
+        for a, b in zip(jax.tree.leaves(batched), jax.tree.leaves(run(params, kk))):
+            np.testing.assert_allclose(a[i], b, rtol=1e-10, atol=1e-12)

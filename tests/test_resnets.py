@@ -140,7 +140,7 @@ def test_new_statistics_and_repeated_training_reuse_compiled_functions():
     x, y = images(8), jnp.arange(8) % 4
     first = train.train(apply_fn, params, x, y, lr=0.05, steps=2, state=state)
     models.eval_fn(apply_fn)(first.params, x, first.state)
-    steps_before = train._step_fn.cache_info()
+    steps_before = train.sgd_core.cache_info()
     evals_before = models._jit.cache_info()
     kernels.pntk(apply_fn, first.params, x, state=first.state)
     kernels_before = kernels._features_fn.cache_info()
@@ -150,8 +150,8 @@ def test_new_statistics_and_repeated_training_reuse_compiled_functions():
     second = train.train(other, other_params, x, y, lr=0.05, steps=2, state=other_state)
     models.eval_fn(other)(second.params, x, second.state)
     kernels.pntk(other, second.params, x, state=second.state)
-    assert train._step_fn.cache_info().misses == steps_before.misses
-    assert train._step_fn.cache_info().hits == steps_before.hits + 1
+    assert train.sgd_core.cache_info().misses == steps_before.misses
+    assert train.sgd_core.cache_info().hits > steps_before.hits
     assert models._jit.cache_info().misses == evals_before.misses
     assert kernels._features_fn.cache_info().misses == kernels_before.misses
 
