@@ -210,10 +210,9 @@ def train(
 
     if lr_schedule not in LR_SCHEDULES:
         raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
-    step_fn, opt = _step_fn(apply_fn, loss, float(lr), float(momentum),
-                            float(weight_decay), bool(dropout), bn, lr_schedule,
-                            total if lr_schedule != "constant" else 1)
-    opt_state = opt.init(params)
+    core = sgd_core(apply_fn, loss, float(lr), float(momentum), float(weight_decay), bool(dropout), bn,
+                    lr_schedule, total if lr_schedule != "constant" else 1)
+    opt_state = core.opt.init(params)
 
     rec_steps = sorted({int(s) for s in record_steps})
     if rec_steps and (rec_steps[0] < 0 or rec_steps[-1] > total):
@@ -243,8 +242,6 @@ def train(
     if batch_size is None and callback is None and stop_loss is None and scan_friendly(apply_fn, params, x, stats):
         # full-batch GD: the steps between records run as lax.scans of power-of-two lengths (a
         # handful of compiled lengths), on the same core as every other step
-        core = sgd_core(apply_fn, loss, float(lr), float(momentum), float(weight_decay), bool(dropout), bn,
-                        lr_schedule, total if lr_schedule != "constant" else 1)
         carry = (params, stats, opt_state, None)
         dkey = dropout_key if dropout else jax.random.key(0)
         step = 0
@@ -273,7 +270,7 @@ def train(
             if pos == 0:
                 order = np.asarray(jax.random.permutation(jax.random.fold_in(shuffle_key, step), n))
             idx = order[pos * batch_size : (pos + 1) * batch_size]
-        params, stats, opt_state, value = step_fn(params, stats, opt_state, x, targets, idx, dkey)
+        (params, stats, opt_state, _), value = core.step((params, stats, opt_state, None), x, targets, idx, dkey)
         losses.append(value)
         if step % 100 == 0 or step == total:
             _check_finite(losses, step, lr)
@@ -448,19 +445,6 @@ def sgd(apply_fn: Callable, params: Any, x: Array, y: Array, key: Array, *, lr: 
 
     carry, _ = jax.lax.scan(epoch, (params, None, core.opt.init(params), None), jnp.arange(int(epochs)))
     return carry[0]
-
-
-def _step_fn(apply_fn: Callable, loss: str, lr: float, momentum: float, weight_decay: float,
-             dropout: bool, bn: bool, lr_schedule: str = "constant", total: int = 1):
-    """``(step_fn, optimizer)`` of :func:`sgd_core` for :func:`train`'s loop: ``step_fn(params,
-    state, opt_state, x, targets, idx, dropout_key) -> (params, state, opt_state, loss)``."""
-    core = sgd_core(apply_fn, loss, lr, momentum, weight_decay, dropout, bn, lr_schedule, total)
-
-    def step_fn(p, bs, s, xs, ts, idx, dkey):
-        (p, bs, s, _), value = core.step((p, bs, s, None), xs, ts, idx, dkey)
-        return p, bs, s, value
-
-    return step_fn, core.opt
 
 
 def predict(apply_fn: Callable, params: Any, x: Array, *, state: Any = None, batch_size: int = 4096) -> Array:

@@ -220,10 +220,9 @@ def test_jacobian_budget_sets_the_block_size_not_the_result(monkeypatch):
         kernels.pntk(apply_fn, params, x)
 
 
-def test_the_stream_route_computes_each_gradient_once_and_equals_the_features_route(monkeypatch, tmp_path):
-    """Jacobians larger than the budget are computed once each, written to a scratch file and
-    streamed against a resident block (issue 17): the kernel is the one of the features route
-    (and of vmap(grad)), and the gradient evaluations are one per point, however many blocks."""
+def _blocked_cnn_case(monkeypatch, tmp_path):
+    """A small CNN on 23 points (and 9 others), its pNTK and eNTK from vmap(grad) as the
+    reference, and a Jacobian budget that cuts the eNTK into blocks of 5 (scratch in tmp_path)."""
     from ntk_tutorial.models import CNN, functional
 
     apply_fn, params = functional(CNN((6, 6, 1), 3, channels=4, rngs=nnx.Rngs(params=jax.random.key(0))))
@@ -237,6 +236,14 @@ def test_the_stream_route_computes_each_gradient_once_and_equals_the_features_ro
     s = np.dtype(x.dtype).itemsize
     monkeypatch.setenv(kernels.JACOBIAN_ENV, str(2 * 5 * 3 * n_params * s))  # eNTK blocks of 5
     monkeypatch.setenv(kernels.SCRATCH_ENV, str(tmp_path))
+    return apply_fn, params, x, y, want, want_xy, n_params, s
+
+
+def test_the_stream_route_computes_each_gradient_once_and_equals_the_features_route(monkeypatch, tmp_path):
+    """Jacobians larger than the budget are computed once each, written to a scratch file and
+    streamed against a resident block (issue 17): the kernel is the one of the features route
+    (and of vmap(grad)), and the gradient evaluations are one per point, however many blocks."""
+    apply_fn, params, x, y, want, want_xy, n_params, s = _blocked_cnn_case(monkeypatch, tmp_path)
     plan = kernels.plan_kernel("entk", apply_fn, params, x)
     assert (plan.route, plan.batch_size, plan.block_pairs, plan.gradients) == ("stream", 5, 15, "structured")
     assert plan.evaluations_per_point == 1.0 and plan.scratch_bytes == 23 * 3 * n_params * s
@@ -260,19 +267,7 @@ def test_without_room_for_the_scratch_file_the_blocks_are_recomputed(monkeypatch
     plan says "recompute": each resident block's partner blocks are computed again, the kernel is
     still the vmap(grad) one, and the gradient evaluations are the ones the plan states (23 points
     in blocks of 5: 23 + 18 + 13 + 8 + 3 symmetric; 23 + 5 x 9 against 9 other points)."""
-    from ntk_tutorial.models import CNN, functional
-
-    apply_fn, params = functional(CNN((6, 6, 1), 3, channels=4, rngs=nnx.Rngs(params=jax.random.key(0))))
-    x = jax.random.normal(jax.random.key(1), (23, 36))
-    y = x[:9] + 0.5
-    monkeypatch.setattr(kernels, "GRADIENTS", "vmap")
-    want = {kind: np.asarray(getattr(kernels, kind)(apply_fn, params, x)) for kind in ("pntk", "entk")}
-    want_xy = np.asarray(kernels.entk(apply_fn, params, x, y))
-    monkeypatch.setattr(kernels, "GRADIENTS", "auto")
-    n_params = sum(int(v.size) for v in jax.tree.leaves(params))
-    s = np.dtype(x.dtype).itemsize
-    monkeypatch.setenv(kernels.JACOBIAN_ENV, str(2 * 5 * 3 * n_params * s))  # eNTK blocks of 5
-    monkeypatch.setenv(kernels.SCRATCH_ENV, str(tmp_path))
+    apply_fn, params, x, y, want, want_xy, n_params, s = _blocked_cnn_case(monkeypatch, tmp_path)
     monkeypatch.setenv(kernels.SCRATCH_BYTES_ENV, str(9 * 3 * n_params * s - 1))  # room for neither file
     plan = kernels.plan_kernel("entk", apply_fn, params, x)
     assert (plan.route, plan.batch_size, plan.scratch_bytes) == ("recompute", 5, 0)
