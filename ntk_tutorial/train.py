@@ -14,7 +14,7 @@ and lazy-training notebooks.
 
 One training core serves the package: :func:`sgd_core` (a jitted step and a ``lax.scan`` of
 steps, with a loss, a per-batch hook and a record) runs :func:`train`, :func:`sgd` (the same
-rule as a pure, jit- and vmap-able function: notebook 03's retraining) and
+rule as a pure, jit- and vmap-able function, for retraining many networks at once) and
 :func:`ntk_tutorial.distill.fit` (its Filter-KD averages are the hook, its paths the record).
 Batching and seeding (``train`` and ``sgd``): epoch ``e`` visits the samples in the order
 ``permutation(fold_in(split(key)[0], first step of the epoch), n)``, cut into ``ceil(n / b)``
@@ -416,8 +416,8 @@ def sgd_core(apply_fn: Callable, loss: str | Callable, lr: float | Callable, mom
 def sgd(apply_fn: Callable, params: Any, x: Array, y: Array, key: Array, *, lr: float, epochs: int,
         batch_size: int, loss: str = "mse", momentum: float = 0.0) -> Any:
     """Mini-batch SGD as a pure function of its arguments: the trained parameters, nothing else
-    (no records, no checks), so it can be jitted and ``vmap``-ed over data and keys (notebook 03
-    retrains a network per candidate this way).  The same core (:func:`sgd_core`) and the same
+    (no records, no checks), so it can be jitted and ``vmap``-ed over data and keys (a network
+    retrained per look-ahead candidate, say; notebook 03 still has its own wrap-around loop).  The same core (:func:`sgd_core`) and the same
     batching and seeding rule as :func:`train` with ``batch_size`` and ``key``: epoch ``e`` (from
     0) visits the samples in the order ``permutation(fold_in(split(key)[0], e * s + 1), n)``, cut
     into ``s = ceil(n / batch_size)`` batches, the last one smaller; ``train`` gives the same
