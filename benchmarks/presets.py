@@ -72,18 +72,19 @@ def _model(cfg):
     return al.build_model(cfg, math.prod(image), classes, image), image, classes
 
 
-def kernel_plan(cfg, points: int):
+def kernel_plan(cfg, points: int, model=None):
     """:func:`ntk_tutorial.kernels.plan_kernel` of the runner's kernel on ``points`` examples of
-    the preset's network, with the Jacobian budget in force now and a scratch disk with room for
-    the stream route's file (its size is reported: without it the kernel takes the recompute
-    route); sizes only, nothing is computed."""
+    the preset's network (``model``: :func:`_model` of ``cfg``, built here if not given), with the
+    Jacobian budget in force now and a scratch disk with room for the stream route's file (its
+    size is reported: without it the kernel takes the recompute route); sizes only, nothing is
+    computed."""
     import jax
     import jax.numpy as jnp
 
     from ntk_tutorial import kernels
     from ntk_tutorial.active import strategies
 
-    (apply_fn, params, state), image, _ = _model(cfg)
+    (apply_fn, params, state), image, _ = model or _model(cfg)
     x = jax.ShapeDtypeStruct((points, *image), jnp.float32)
     old = os.environ.get(kernels.SCRATCH_BYTES_ENV)
     os.environ[kernels.SCRATCH_BYTES_ENV] = str(2**62)
@@ -138,7 +139,8 @@ def estimate(preset: str, rows: list[dict], gemm: float) -> dict:
     from ntk_tutorial.active import run as al
 
     cfg = al.config_from_preset(preset)
-    (_, params, _), _, classes = _model(cfg)
+    model = _model(cfg)  # built once: every cycle's plan is of the same network
+    (_, params, _), _, classes = model
     n_params = sum(int(x.size) for x in jax.tree.leaves(params))
     big = rows[-1]
     per_example_epoch = big["train_s"] / (big["epochs"] * big["n"])
@@ -163,7 +165,7 @@ def estimate(preset: str, rows: list[dict], gemm: float) -> dict:
     routes = set()
     for c in range(cfg.cycles):
         n = cfg.init + c * cfg.query
-        plan = kernel_plan(cfg, n + cfg.subset)  # the budget of a real run on this machine
+        plan = kernel_plan(cfg, n + cfg.subset, model)  # the budget of a real run on this machine
         routes.add(f"{plan.route} (blocks of {plan.batch_size})" if plan.route == "stream" else plan.route)
         evaluations += plan.gradient_evaluations
         points += plan.points

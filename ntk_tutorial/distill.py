@@ -37,6 +37,7 @@ loop pays dispatch costs only once per epoch.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+import functools
 from functools import lru_cache
 from typing import Any, Callable, Sequence
 
@@ -199,6 +200,13 @@ def _path_record(apply_fn: Callable) -> Callable:
     return lambda params, state, record_x: jax.nn.softmax(apply_fn(params, record_x), axis=-1)
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _epoch_order(epoch_key: Array, n: int, chunks: int, every: int, batch_size: int) -> Array:
+    """One epoch's batch order: a permutation of the ``n`` samples, the ``n mod batch_size`` last
+    left out, as ``(chunks, every, batch_size)`` indices (compiled once per shape, not per fit)."""
+    return jax.random.permutation(epoch_key, n)[: chunks * every * batch_size].reshape(chunks, every, batch_size)
+
+
 def fit(
     apply_fn: Callable,
     params: Any,
@@ -287,8 +295,9 @@ def fit(
                     record=_path_record(apply_fn) if rec_x is not None else None)
     predict = jax.jit(apply_fn)
     carry = (params, None, core.opt.init(params), (jnp.zeros((n, k), out.dtype), jnp.zeros(n, bool)))
-    order_of = jax.jit(lambda epoch_key: jax.random.permutation(epoch_key, n)[: chunks * every * batch_size]
-                       .reshape(chunks, every, batch_size))
+    def order_of(epoch_key):
+        return _epoch_order(epoch_key, n, chunks, every, batch_size)
+
     unused_key = jax.random.key(0)  # no dropout in fit
     losses, val_acc, paths = [], [], []
     if rec_x is not None:
