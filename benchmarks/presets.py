@@ -162,6 +162,8 @@ def estimate(preset: str, rows: list[dict], gemm: float) -> dict:
     scoring_fixed = max(rest[-1] - per_candidate * big["m"], 0.0)
     total = {"train_s": 0.0, "evaluate_s": 0.0, "kernel_s": 0.0, "scoring_s": 0.0}
     evaluations = points = scratch = 0
+    gram = rule_gram = 0.0  # the products' FLOPs as computed, and with the per-layer FLOP rule
+    structured_layers = layers = 0
     routes = set()
     for c in range(cfg.cycles):
         n = cfg.init + c * cfg.query
@@ -176,11 +178,18 @@ def estimate(preset: str, rows: list[dict], gemm: float) -> dict:
         if seconds is None or not math.isfinite(seconds):  # no FLOP count on this backend: per gradient
             seconds = max(gradient_s, 0.0) / (big["n"] + big["m"]) * plan.gradient_evaluations + plan.gram_flops / gemm
         total["kernel_s"] += seconds
+        gram += plan.gram_flops or 0.0
+        rule_gram += plan.rule_gram_flops if plan.rule_gram_flops is not None else plan.gram_flops or 0.0
+        structured_layers, layers = plan.structured_layers, plan.layers
         total["scoring_s"] += scoring_fixed + per_candidate * cfg.subset + scoring_flops(n, cfg.subset, classes) / gemm
     return {"parameters": n_params, "per_example_epoch_s": per_example_epoch, "per_test_s": per_test,
             "gemm_flops_per_s": gemm, "gradient_flops_per_s": gradient_rate, "gradient_rate": rate_from,
             "kernel_route": sorted(routes), "gradient_evaluations_per_point": evaluations / max(points, 1),
             "largest_scratch_bytes": scratch, "cycles": cfg.cycles,
+            # what the per-layer FLOP rule would save if structured forms were implemented (the
+            # products' seconds at the matmul rate; every layer is computed in gradient form)
+            "gram_s": gram / gemm, "rule_gram_s": rule_gram / gemm,
+            "rule_structured_layers": structured_layers, "rule_layers": layers,
             **{k: float(v) for k, v in total.items()},
             "one_seed_s": float(sum(total.values())), "extrapolated": True}
 
@@ -255,6 +264,10 @@ def main() -> None:
               f"{e['scoring_s'] / 3600:9.2f} {e['one_seed_s'] / 3600:8.2f} {e['gradient_evaluations_per_point']:7.2f}  "
               f"{'; '.join(e['kernel_route'])}"
               + (f", scratch up to {e['largest_scratch_bytes'] / 2**30:.0f} GiB" if e["largest_scratch_bytes"] else ""))
+        if e.get("rule_layers"):
+            print(f"{'':13s} products {e['gram_s'] / 3600:.2f} h of the kernel; with the per-layer FLOP rule "
+                  f"{e['rule_gram_s'] / 3600:.2f} h ({e['rule_structured_layers']} of {e['rule_layers']} layers "
+                  "cheaper in structured form; not implemented)")
         if not args.quick and e["gradient_evaluations_per_point"] > 1.1:
             failures.append(f"{preset}: {e['gradient_evaluations_per_point']:.2f} gradient evaluations per point "
                             "(each should be computed once)")

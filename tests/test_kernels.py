@@ -248,6 +248,8 @@ def test_the_stream_route_computes_each_gradient_once_and_equals_the_features_ro
     assert (plan.route, plan.batch_size, plan.block_pairs, plan.gradients) == ("stream", 5, 15, "structured")
     assert plan.evaluations_per_point == 1.0 and plan.scratch_bytes == 23 * 3 * n_params * s
     assert "1.00 per point" in str(plan) and plan.seconds() > 0
+    # the per-layer FLOP rule is reported (what structured forms would save), never above the products
+    assert plan.layers >= 2 and 0 < plan.rule_gram_flops <= plan.gram_flops and "per-layer rule" in str(plan)
     for kind in ("pntk", "entk"):
         before = kernels.gradient_evaluations()
         got = np.asarray(getattr(kernels, kind)(apply_fn, params, x))

@@ -88,3 +88,45 @@ def test_functions_that_mix_examples_are_refused_with_the_reason():
     # a reduction over the batch (what batch norm in training mode does): examples interact
     with pytest.raises(pergrad.Unsupported, match="example axis"):
         pergrad.analyse(lambda p, xx: apply_fn(p, xx) - apply_fn(p, xx).mean(0), params, x)
+
+
+def test_the_per_layer_rule_reads_each_layer_and_its_structured_form_is_the_kernel():
+    """The per-layer FLOP rule (``Analysis.layers``): every boundary is one layer with its
+    parameter count; a convolution's positions, fan-in and fan-out are read from its shapes; and
+    the structured form the rule prices (Gram matrices of input patches and of back-propagated
+    vectors over positions, multiplied elementwise and summed) gives the same kernel entry as the
+    dot product of the two examples' weight gradients, computed here by ``jax.grad``."""
+    cin, cout, hw = 3, 4, 5
+    w = jax.random.normal(jax.random.key(0), (3, 3, cin, cout))
+    v = jax.random.normal(jax.random.key(1), (hw * hw * cout,))
+
+    def fn(p, x):
+        y = jax.lax.conv_general_dilated(x.reshape(-1, hw, hw, cin), p["w"], (1, 1), "SAME",
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return (jnp.tanh(y).reshape(x.shape[0], -1) @ p["v"])[:, None]
+
+    params = {"w": w, "v": v}
+    x = jax.random.normal(jax.random.key(2), (2, hw * hw * cin))
+    found = pergrad.analyse(fn, params, x)
+    conv = [layer for layer in found.layers if layer.op == "conv_general_dilated"]
+    assert len(found.layers) == found.boundaries == 2 and len(conv) == 1
+    assert (conv[0].params, conv[0].positions, conv[0].fan_in, conv[0].fan_out) == (9 * cin * cout, hw * hw,
+                                                                                     9 * cin, cout)
+    dense = next(layer for layer in found.layers if layer.op == "dot_general")
+    assert (dense.params, dense.positions, dense.fan_in, dense.fan_out) == (hw * hw * cout, 1, hw * hw * cout, 1)
+    g = found.gram_flops("pntk")
+    assert g["jacobian"] == 2.0 * (w.size + v.size) and g["layers"] == 2
+    # the gradient form: <dW_a, dW_b> from jax.grad of each example's output
+    grads = [jax.grad(lambda p, xi=xi: fn(p, xi[None])[0, 0])(params)["w"] for xi in x]
+    direct = float(jnp.vdot(grads[0], grads[1]))
+    # the structured form: patches (P, 9 cin) and back-propagated vectors (P, cout) per example
+    patches = jax.lax.conv_general_dilated_patches(x.reshape(-1, hw, hw, cin), (3, 3), (1, 1), "SAME",
+                                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    patches = patches.reshape(2, hw * hw, -1)  # features ordered (cin, kh, kw)
+    pre = jax.lax.conv_general_dilated(x.reshape(-1, hw, hw, cin), w, (1, 1), "SAME",
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    delta = ((1 - jnp.tanh(pre) ** 2) * v.reshape(hw, hw, cout)).reshape(2, hw * hw, cout)
+    structured = float(jnp.sum((patches[0] @ patches[1].T) * (delta[0] @ delta[1].T)))
+    np.testing.assert_allclose(structured, direct, rtol=1e-5)
+    jac, st = conv[0].flops()
+    assert jac == 2.0 * 9 * cin * cout and st == 2.0 * (hw * hw) ** 2 * (9 * cin + cout) + (hw * hw) ** 2

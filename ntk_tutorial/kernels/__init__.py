@@ -49,10 +49,11 @@ what was wrong.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
-from functools import lru_cache, partial
 from dataclasses import dataclass
+from functools import lru_cache, partial
 from typing import Any, Callable, Sequence
 
 import jax
@@ -928,6 +929,12 @@ class KernelPlan:
       scratch_bytes: bytes the stream route writes to its scratch file (deleted afterwards).
       gradient_flops, gram_flops: FLOPs of the gradient passes (XLA's count for one chunk) and
         of the products (``None`` when the plan was made without costs).
+      rule_gram_flops, structured_layers, layers: what the products would cost if each layer took
+        the cheaper of its gradient form and its structured form (Gram matrices of input patches
+        and back-propagated vectors over positions; :class:`pergrad.Layer`), and how many of the
+        ``layers`` boundaries that rule would put in structured form. This package forms the
+        gradient of every layer: the numbers say what the structured form would save (with
+        structured gradients and costs only; ``None`` / 0 otherwise).
     """
 
     route: str
@@ -945,6 +952,9 @@ class KernelPlan:
     scratch_bytes: int = 0
     gradient_flops: float | None = None
     gram_flops: float | None = None
+    rule_gram_flops: float | None = None
+    structured_layers: int = 0
+    layers: int = 0
 
     @property
     def evaluations_per_point(self) -> float:
@@ -973,6 +983,11 @@ class KernelPlan:
         if self.gradient_flops is not None:
             lines.append(f"{self.gradient_flops / 1e9:.3g} GFLOP of gradients + "
                          f"{self.gram_flops / 1e9:.3g} GFLOP of products: about {self.seconds():.3g} s here")
+        if self.rule_gram_flops is not None:
+            lines.append(f"per-layer rule: {self.structured_layers} of {self.layers} layers cheaper in structured "
+                         f"form, products {self.rule_gram_flops / 1e9:.3g} GFLOP with it "
+                         f"({self.rule_gram_flops / max(self.gram_flops, 1e-300):.2f} of the gradient form's; "
+                         f"every layer is computed in gradient form)")
         return "\n".join(lines)
 
 
@@ -1043,18 +1058,31 @@ def _plan(kind: str, apply_fn: ApplyFn, params: Any, x1: Any, x2: Any, symmetric
         chunk_peak = chunk * transient * len(devices)  # one chunk per device in flight
         whole = batch_size >= max(n1, n2) if given else f * points <= budget
         gradient_flops = None
+        rule: dict = {}  # the per-layer FLOP rule, as a fraction of the gradient form's products
         if costs:
             per_chunk = _chunk_flops(_features_fn(compiled_for, kind, gradients), params,
                                      jax.ShapeDtypeStruct((chunk, *x1.shape[1:]), x1.dtype), aux)
             gradient_flops = per_chunk * points / chunk
+            found, _ = (_gradient_analysis(compiled_for, params, (chunk, *x1.shape[1:]), x1.dtype, aux)
+                        if gradients == "structured" else (None, ""))
+            if found is not None and found.layers:
+                g = found.gram_flops(kind, k)
+                rule = {"fraction": g["rule"] / g["jacobian"], "structured_layers": g["structured_layers"],
+                        "layers": g["layers"]}
+
+        def with_rule(plan: KernelPlan) -> KernelPlan:
+            if not rule or plan.gram_flops is None:
+                return plan
+            return dataclasses.replace(plan, rule_gram_flops=plan.gram_flops * rule["fraction"],
+                                       structured_layers=rule["structured_layers"], layers=rule["layers"])
         if out is None and whole:
             feats = points * f
             # chunks and their concatenation, then the features and the product (eNTK: the
             # product, its transposed copy and XLA's temporary)
             peak = max(2 * feats + chunk_peak, feats + chunk_peak + (3 if kind == "entk" else 1.5) * output)
-            return KernelPlan("features", method, max(n1, n2), k, int(itemsize), int(output), int(peak + inputs),
-                              gradients, chunk, points, points, 1, 0, gradient_flops,
-                              entry_flops * n1 * n2 if costs else None)
+            return with_rule(KernelPlan("features", method, max(n1, n2), k, int(itemsize), int(output),
+                                        int(peak + inputs), gradients, chunk, points, points, 1, 0, gradient_flops,
+                                        entry_flops * n1 * n2 if costs else None))
         b1, b2 = min(batch_size, n1), min(batch_size, n2)
         pairs, rows = _pair_rows(n1, n2, b1, b2, symmetric)
         scratch = (n1 if symmetric else n2) * f
@@ -1070,12 +1098,12 @@ def _plan(kind: str, apply_fn: ApplyFn, params: Any, x1: Any, x2: Any, symmetric
             s1 = [min(b1, n1 - i) for i in range(0, n1, b1)]
             evaluations = n1 + (sum(sum(s1[i + 1:]) for i in range(len(s1))) if symmetric else len(s1) * n2)
             flops = None if gradient_flops is None else gradient_flops * evaluations / points
-            return KernelPlan("recompute", method, int(batch_size), k, int(itemsize), int(output),
-                              int(peak + inputs), gradients, chunk, points, int(evaluations), pairs, 0, flops,
-                              entry_flops * rows if costs else None)
-        return KernelPlan("stream", method, int(batch_size), k, int(itemsize), int(output), int(peak + inputs),
-                          gradients, chunk, points, points, pairs, int(scratch), gradient_flops,
-                          entry_flops * rows if costs else None)
+            return with_rule(KernelPlan("recompute", method, int(batch_size), k, int(itemsize), int(output),
+                                        int(peak + inputs), gradients, chunk, points, int(evaluations), pairs, 0,
+                                        flops, entry_flops * rows if costs else None))
+        return with_rule(KernelPlan("stream", method, int(batch_size), k, int(itemsize), int(output),
+                                    int(peak + inputs), gradients, chunk, points, points, pairs, int(scratch),
+                                    gradient_flops, entry_flops * rows if costs else None))
 
     # the dense route (MLPs): Gram matrices of activations and back-propagated vectors per block
     whole = batch_size >= max(n1, n2)

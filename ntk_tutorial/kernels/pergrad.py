@@ -144,6 +144,78 @@ class Analysis:
     boundaries: int
     activation_bytes: int
     patch_bytes: int
+    layers: tuple = ()
+
+    def gram_flops(self, kind: str = "pntk", k: int = 1) -> dict:
+        """FLOPs of one kernel entry (one pair of examples) summed over the boundaries, two ways:
+        ``"jacobian"`` (dot products of the per-example gradients, what every route does) and
+        ``"rule"`` (each layer in the cheaper of its gradient form and its structured form, the
+        per-layer choice of Novak et al. 2022), with ``"structured_layers"`` (how many layers the
+        rule puts in structured form) and ``"layers"`` (the count of boundaries). See
+        :class:`Layer`; ``kind`` is ``"entk"`` (k x k entries per pair) or another kernel (one)."""
+        outputs = k * k if kind == "entk" else 1
+        jac = rule = 0.0
+        chosen = 0
+        for layer in self.layers:
+            j, st = layer.flops(outputs)
+            jac += j
+            rule += min(j, st)
+            chosen += st < j
+        return {"jacobian": jac, "rule": rule, "structured_layers": chosen, "layers": len(self.layers)}
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One boundary as the per-layer FLOP rule sees it: ``op`` (the primitive), ``params`` (its
+    parameter-derived operand's size: one example's gradient has this many entries),
+    ``positions`` (per example, the output positions sharing those parameters: spatial
+    positions of a convolution, 1 for a dense layer on vectors), and for contractions ``fan_in``
+    (a position's input patch: channels x filter size) and ``fan_out`` (its output channels).
+
+    Per pair of examples, the gradient form costs ``2 params`` FLOPs per output; the structured
+    form (Gram matrices of the two examples' input patches and of their back-propagated vectors
+    over positions, multiplied elementwise and summed) ``2 P^2 fan_in`` once plus
+    ``2 P^2 fan_out + P^2`` per output, ``P`` the positions. It pays when ``P^2`` is small
+    against ``fan_in fan_out / (fan_in + fan_out)``: dense layers, or convolutions on a few
+    positions with many channels. Element-wise boundaries (biases, batch-norm scales) have no
+    cheaper structured form here."""
+
+    op: str
+    params: int
+    positions: int = 1
+    fan_in: int = 0
+    fan_out: int = 0
+
+    def flops(self, outputs: int = 1) -> tuple[float, float]:
+        """``(gradient form, structured form)`` FLOPs of one pair of examples for ``outputs``
+        kernel entries (``inf`` where there is no structured form)."""
+        jac = 2.0 * self.params * outputs
+        if not (self.fan_in and self.fan_out):
+            return jac, math.inf
+        p2 = float(self.positions) ** 2
+        return jac, 2.0 * p2 * self.fan_in + outputs * (2.0 * p2 * self.fan_out + p2)
+
+
+def _layer(eqn, bs: list[bool], ps: list[bool]) -> Layer:
+    """The :class:`Layer` of a boundary equation (operands batched ``bs``, parameter-derived ``ps``)."""
+    name = eqn.primitive.name
+    shapes = [tuple(getattr(v.aval, "shape", ())) for v in eqn.invars]
+    which = next(i for i, (b, q) in enumerate(zip(bs, ps)) if q and not b)
+    size = int(math.prod(shapes[which]))
+    if name == "conv_general_dilated" and which == 1:
+        dn = eqn.params["dimension_numbers"]
+        rhs, out = shapes[1], tuple(eqn.outvars[0].aval.shape)
+        fan_in = int(rhs[dn.rhs_spec[1]]) * int(math.prod(rhs[i] for i in dn.rhs_spec[2:]))
+        positions = int(math.prod(out[i] for i in dn.out_spec[2:]))
+        return Layer(name, size, positions, fan_in, int(rhs[dn.rhs_spec[0]]))
+    if name == "dot_general" and which == 1 and bs[0]:
+        (lc, rc), _ = eqn.params["dimension_numbers"]
+        lhs, rhs = shapes
+        fan_in = int(math.prod(lhs[i] for i in lc))
+        positions = int(math.prod(d for i, d in enumerate(lhs) if i not in lc and i != 0))
+        fan_out = int(math.prod(d for i, d in enumerate(rhs) if i not in rc))
+        return Layer(name, size, positions, fan_in, fan_out)
+    return Layer(name, size)
 
 
 def _per_example_bytes(v) -> int:
@@ -198,7 +270,7 @@ def _walk(closed: jcore.ClosedJaxpr, in_batched: list[bool], in_param: list[bool
                 raise Unsupported(f"{name} with parameters inside")
             if sub is None:
                 raise Unsupported(f"{name} without a readable jaxpr")
-            inner_b, _ = _walk(sub, bs, ps, n, [0, 0, 0])
+            inner_b, _ = _walk(sub, bs, ps, n, [0, 0, 0, []])
             for v, b in zip(eqn.outvars, inner_b):
                 batched[v], param[v] = b, any(ps)
             continue
@@ -207,6 +279,7 @@ def _walk(closed: jcore.ClosedJaxpr, in_batched: list[bool], in_param: list[bool
             if eqn.primitive.multiple_results:
                 raise Unsupported(f"{name}: parameters meet the examples in a multi-output operation")
             counter[0] += 1
+            counter[3].append(_layer(eqn, bs, ps))
             if name == "conv_general_dilated":
                 counter[2] = max(counter[2], _conv_patch_bytes(eqn))
         for v in eqn.outvars:
@@ -225,13 +298,13 @@ def analyse(fn: Callable, params: Any, x: Any, aux: Any = None) -> Analysis:
     n_in = len(closed.jaxpr.invars)
     in_param = [i < n_p for i in range(n_in)]
     in_batched = [i == n_p for i in range(n_in)]
-    counter = [0, 0, 0]
+    counter = [0, 0, 0, []]
     out_b, _ = _walk(closed, in_batched, in_param, n, counter)
     if len(out_b) != 1 or not out_b[0]:
         raise Unsupported("the function must return one batched (n, k) array")
     if counter[0] == 0:
         raise Unsupported("no parameter meets the examples")
-    return Analysis(*counter)
+    return Analysis(counter[0], counter[1], counter[2], tuple(counter[3]))
 
 
 # ---------------------------------------------------------------------------------------------
