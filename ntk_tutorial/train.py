@@ -145,6 +145,7 @@ def train(
     recompute_stats: bool = False,
     lr_schedule: str = "constant",
     state: Any = None,
+    last_batch: str = "smaller",
 ) -> TrainResult:
     """Train ``apply_fn``'s parameters by full-batch GD or mini-batch SGD with optax.
 
@@ -165,6 +166,10 @@ def train(
       momentum: heavy-ball momentum (0 = plain GD/SGD).
       weight_decay: L2 penalty ``wd/2 ||params||^2`` added to the loss.
       key: PRNG key for shuffling and dropout.
+      last_batch: when ``batch_size`` does not divide ``n``: ``"smaller"`` (default; the epoch's
+        last batch holds the ``n mod batch_size`` left over, as PyTorch's loader without
+        ``drop_last``) or ``"wrap"`` (it is filled up with the epoch's first samples, so every
+        batch has ``batch_size`` examples and every sample is visited each epoch).
       dropout: pass a fresh ``dropout_key`` to ``apply_fn`` at each step (models with dropout).
       record_steps: steps at which to record (0 = before the first update, ``steps`` = after
         the last).
@@ -199,6 +204,7 @@ def train(
     if targets.shape[0] != n:
         raise ValueError(f"x has {n} examples but y has {targets.shape[0]}")
     loss_fn(loss)  # validates the name early
+    _check_last_batch(last_batch)
     if batch_size is not None and key is None:
         raise ValueError("mini-batch SGD shuffles: pass key=jax.random.key(seed)")
     if dropout and key is None:
@@ -270,6 +276,8 @@ def train(
             if pos == 0:
                 order = np.asarray(jax.random.permutation(jax.random.fold_in(shuffle_key, step), n))
             idx = order[pos * batch_size : (pos + 1) * batch_size]
+            if last_batch == "wrap" and len(idx) < batch_size:
+                idx = np.concatenate([idx, order[: batch_size - len(idx)]])
         (params, stats, opt_state, _), value = core.step((params, stats, opt_state, None), x, targets, idx, dkey)
         losses.append(value)
         if step % 100 == 0 or step == total:
@@ -293,7 +301,7 @@ def train(
         stats = apply_fn.population_stats(params, stats, x, batch_size)
     config = dict(lr=lr, steps=len(losses), stop_loss=stop_loss, loss=loss, batch_size=batch_size, momentum=momentum,
                   weight_decay=weight_decay, dropout=dropout, recompute_stats=recompute_stats,
-                  lr_schedule=lr_schedule,
+                  lr_schedule=lr_schedule, last_batch=last_batch,
                   key=None if key is None else np.asarray(jax.random.key_data(key)).tolist())
     return TrainResult(
         params=params,
@@ -414,14 +422,17 @@ def sgd_core(apply_fn: Callable, loss: str | Callable, lr: float | Callable, mom
 
 
 def sgd(apply_fn: Callable, params: Any, x: Array, y: Array, key: Array, *, lr: float, epochs: int,
-        batch_size: int, loss: str = "mse", momentum: float = 0.0) -> Any:
+        batch_size: int, loss: str = "mse", momentum: float = 0.0, last_batch: str = "smaller") -> Any:
     """Mini-batch SGD as a pure function of its arguments: the trained parameters, nothing else
     (no records, no checks), so it can be jitted and ``vmap``-ed over data and keys (a network
-    retrained per look-ahead candidate, say; notebook 03 still has its own wrap-around loop).  The same core (:func:`sgd_core`) and the same
-    batching and seeding rule as :func:`train` with ``batch_size`` and ``key``: epoch ``e`` (from
-    0) visits the samples in the order ``permutation(fold_in(split(key)[0], e * s + 1), n)``, cut
-    into ``s = ceil(n / batch_size)`` batches, the last one smaller; ``train`` gives the same
-    parameters.  ``epochs``, ``batch_size``, ``loss`` and the rates are static."""
+    retrained per look-ahead candidate, say, as in notebook 03).  The same core
+    (:func:`sgd_core`) and the same batching and seeding rule as :func:`train` with
+    ``batch_size``, ``key`` and ``last_batch``: epoch ``e`` (from 0) visits the samples in the
+    order ``permutation(fold_in(split(key)[0], e * s + 1), n)``, cut into ``s = ceil(n /
+    batch_size)`` batches, the last one smaller (``last_batch="smaller"``) or filled up with
+    that order's first samples (``"wrap"``); ``train`` gives the same parameters.  ``epochs``,
+    ``batch_size``, ``loss``, ``last_batch`` and the rates are static."""
+    _check_last_batch(last_batch)
     x = jnp.asarray(x)
     n = x.shape[0]
     k = jax.eval_shape(apply_fn, params, x[:1]).shape[-1]
@@ -435,6 +446,11 @@ def sgd(apply_fn: Callable, params: Any, x: Array, y: Array, key: Array, *, lr: 
     def epoch(carry, e):
         first = e * per_epoch + 1
         order = jax.random.permutation(jax.random.fold_in(shuffle_key, first), n)
+        if rest and last_batch == "wrap":  # every batch full: one scan over all of them
+            order = jnp.concatenate([order, order[: batch_size - rest]])
+            steps = (first + jnp.arange(per_epoch))[None]
+            carry, _ = core.run(carry, x, targets, order.reshape(1, per_epoch, batch_size), steps, unused, None)
+            return carry, None
         if full:
             steps = (first + jnp.arange(full))[None]
             carry, _ = core.run(carry, x, targets, order[: full * batch_size].reshape(1, full, batch_size), steps,
@@ -445,6 +461,14 @@ def sgd(apply_fn: Callable, params: Any, x: Array, y: Array, key: Array, *, lr: 
 
     carry, _ = jax.lax.scan(epoch, (params, None, core.opt.init(params), None), jnp.arange(int(epochs)))
     return carry[0]
+
+
+LAST_BATCH = ("smaller", "wrap")
+
+
+def _check_last_batch(last_batch: str) -> None:
+    if last_batch not in LAST_BATCH:
+        raise ValueError(f"last_batch must be one of {LAST_BATCH}, got {last_batch!r}")
 
 
 def predict(apply_fn: Callable, params: Any, x: Array, *, state: Any = None, batch_size: int = 4096) -> Array:

@@ -186,3 +186,40 @@ def test_pure_sgd_is_train_with_mini_batches_and_can_be_vmapped():
     for i, kk in enumerate(keys):
         for a, b in zip(jax.tree.leaves(batched), jax.tree.leaves(run(params, kk))):
             np.testing.assert_allclose(a[i], b, rtol=1e-10, atol=1e-12)
+
+
+def test_wrap_around_batches_are_full_and_train_and_sgd_agree_with_a_hand_written_loop():
+    """``last_batch="wrap"`` (notebook 03's retraining): every batch holds ``batch_size`` samples,
+    the last one filled up with the epoch's first; train() and train.sgd() give the parameters of
+    a loop written here from the documented order rule (plain SGD on the mean of 1/2 ||f - y||^2)."""
+    apply_fn, params = mlp((5, 16, 3))
+    x = jax.random.normal(jax.random.key(0), (21, 5))
+    y = jax.nn.one_hot(jnp.arange(21) % 3, 3)
+    key, lr, bs, epochs = jax.random.key(4), 0.1, 8, 3
+    n, per_epoch = 21, 3  # ceil(21 / 8): batches of 8, 8 and 5 + 3 wrapped
+
+    def loss(p, xb, yb):
+        return 0.5 * jnp.mean(jnp.sum((apply_fn(p, xb) - yb) ** 2, axis=-1))
+
+    p = params
+    shuffle_key = jax.random.split(key)[0]
+    for e in range(epochs):
+        order = np.asarray(jax.random.permutation(jax.random.fold_in(shuffle_key, e * per_epoch + 1), n))
+        order = np.concatenate([order, order[: per_epoch * bs - n]])
+        for b in range(per_epoch):
+            idx = order[b * bs:(b + 1) * bs]
+            assert len(idx) == bs
+            g = jax.grad(loss)(p, x[idx], y[idx])
+            p = jax.tree.map(lambda a, d: a - lr * d, p, g)
+    got_train = train.train(apply_fn, params, x, y, lr=lr, epochs=epochs, batch_size=bs, key=key,
+                            last_batch="wrap")
+    got_sgd = jax.jit(lambda pp: train.sgd(apply_fn, pp, x, y, key, lr=lr, epochs=epochs, batch_size=bs,
+                                           last_batch="wrap"))(params)
+    for got in (got_train.params, got_sgd):
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(p)):
+            np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+    assert got_train.config["last_batch"] == "wrap" and got_train.losses.shape == (epochs * per_epoch,)
+    smaller = train.train(apply_fn, params, x, y, lr=lr, epochs=epochs, batch_size=bs, key=key).params
+    assert not np.allclose(jax.tree.leaves(smaller)[0], jax.tree.leaves(p)[0])  # the rule matters
+    with pytest.raises(ValueError, match="last_batch must be one of"):
+        train.train(apply_fn, params, x, y, lr=lr, epochs=1, batch_size=bs, key=key, last_batch="drop")
